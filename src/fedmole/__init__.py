@@ -1,0 +1,3 @@
+"""fedmole: federated fine-tuning of LLMs with sparse mixtures of LoRA experts."""
+
+__version__ = "0.1.0"
