@@ -1,0 +1,100 @@
+"""The contract between a federated method and the engine that runs it.
+
+A method decides what each client receives (`configure`), what a client does
+with it (`client_update`, run wherever the client lives), and how replies
+become the next global state (`aggregate`, a pure function of the replies and
+the previous state). Engines only move `Instruction`s and `Reply`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from fedmole.adapters.inject import MoLEAdapter
+from fedmole.data.types import ClientData
+from fedmole.messages import Instruction, Reply, State
+from fedmole.training import LocalTrainer
+
+
+@dataclass
+class ClientRuntime:
+    """Everything one client's step needs; built and owned by the engine."""
+
+    client_id: int
+    tier: int
+    data: ClientData
+    batches: object  # fedmole.data.tokenize.TrainBatches
+    adapter: MoLEAdapter
+    trainer: LocalTrainer
+    store: dict = field(default_factory=dict)  # persistent client state (optimizer, personal tensors)
+
+
+class Method:
+    """Base class: FedAvg-style plumbing shared by the methods."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type]
+
+    def __init__(self, options, adapter: MoLEAdapter, tiers: list[int], seed: int):
+        self.options = options
+        self.tiers = tiers  # tier of each client id
+        self.seed = seed
+        self.shapes = adapter.shapes()
+        self.num_experts = {name: layer.num_experts for name, layer in adapter.layers.items()}
+
+    # -- server side ---------------------------------------------------------
+    def initial_state(self, adapter: MoLEAdapter) -> State:
+        return adapter.state_dict()
+
+    def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
+        return [Instruction(rnd, c, global_state, self.tiers[c]) for c in client_ids]
+
+    def check(self, reply: Reply, instruction: Instruction) -> str | None:
+        """Why this reply must be rejected, or None."""
+        from fedmole.algorithms.validate import check_reply
+
+        if reply.tier != instruction.tier:
+            return f"tier {reply.tier} differs from the {instruction.tier} it was given"
+        return check_reply(reply, self.shapes, num_experts=self.num_experts)
+
+    def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Cross-round server state (for checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # -- client side ---------------------------------------------------------
+    def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
+        """Default client step: start from the sent state, train with top-k = tier, report counts."""
+        rt.adapter.load_state_dict(instruction.state)
+        rt.adapter.reset_counts()
+        loss = rt.trainer.train(rt.adapter, rt.batches, k=instruction.tier, store=rt.store)
+        counts, tokens = rt.adapter.counts()
+        return Reply(
+            round=instruction.round,
+            client_id=rt.client_id,
+            state=rt.adapter.state_dict(),
+            num_examples=len(rt.data.train),
+            tier=instruction.tier,
+            train_loss=loss,
+            expert_counts=counts,
+            tokens=tokens,
+        )
+
+    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+        """Load the weights this client is evaluated with; return its k."""
+        rt.adapter.load_state_dict(global_state)
+        return rt.tier
+
+
+def client_seed(seed: int, rnd: int, client_id: int) -> int:
+    """Independent, order-free seed for one client's round (dropout, etc.)."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + rnd) * 1_000_003 + client_id)).item())

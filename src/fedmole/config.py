@@ -1,0 +1,316 @@
+"""Typed run configuration: dataclasses with defaults, loaded from TOML,
+overridden with `key=value`, validated before any work starts.
+
+Every field carries metadata: `help` (one line), and optionally `choices`
+or `range` (inclusive bounds, None for open). Method-specific options live in
+a table named after the method (e.g. `[flame]`), registered by the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmole.adapters.inject import MoLEConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, range: tuple | None = None, factory=None):
+    meta = {"help": help, "choices": choices, "range": range}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunSection:
+    method: str = opt("flame", "federated algorithm (see `fedmole methods`)")
+    engine: str = opt("local", "what moves the messages", choices=("local",))
+    rounds: int = opt(3, "federated rounds", range=(1, None))
+    seed: int = opt(0, "seed of everything (data, sampling, init, dropout)", range=(0, None))
+    out_dir: str = opt("runs", "parent folder of run directories")
+    autocast: str = opt("auto", "mixed precision: auto (bf16 where the CPU supports it) | bf16 | off",
+                        choices=("auto", "bf16", "off"))
+    device: str = opt("auto", "torch device: auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    threads: int = opt(0, "torch CPU threads (0 = torch default)", range=(0, None))
+    progress: bool = opt(True, "show progress bars")
+
+
+@dataclass
+class ModelSection:
+    name: str = opt("smollm2-135m-instruct",
+                    "base model: smollm2-135m-instruct (embedded), tiny-llama, a local HF dir or a hub name")
+
+
+@dataclass
+class DataSection:
+    source: str = opt("natural-instructions", "natural-instructions, a .jsonl/.json/.csv file, or hf:NAME[:split]")
+    partition: str = opt("task", "how examples are split over clients", choices=("task", "dirichlet", "iid"))
+    num_clients: int = opt(6, "number of clients", range=(1, None))
+    tasks: list[str] = opt(None, "tasks to use (task partition: one per client); empty = seeded pick",
+                           factory=list)
+    dirichlet_alpha: float = opt(1.0, "Dirichlet concentration over categories", range=(1e-6, None))
+    min_client_size: int = opt(8, "minimum examples per client (Dirichlet)", range=(1, None))
+    max_per_task: int = opt(0, "examples loaded per task (0 = all)", range=(0, None))
+    max_train: int = opt(0, "training examples per client (0 = all)", range=(0, None))
+    max_test: int = opt(32, "test examples per client (0 = all)", range=(0, None))
+    val_frac: float = opt(0.1, "validation fraction", range=(0.0, 0.5))
+    test_frac: float = opt(0.1, "test fraction", range=(0.0, 0.5))
+    max_len: int = opt(256, "tokens per training sequence (the instruction is truncated, never the answer)",
+                       range=(16, None))
+    max_answer_tokens: int = opt(64, "answer tokens kept for training", range=(1, None))
+    instruction_mode: str = opt("full", "full instruction, or only its Definition part",
+                                choices=("full", "definition"))
+    chat_template: bool = opt(True, "use the tokenizer's chat template when it has one")
+
+
+@dataclass
+class AdapterSection:
+    num_experts: int = opt(8, "LoRA experts per adapted module (E)", range=(1, 256))
+    rank: int = opt(8, "rank of each expert (r)", range=(1, 1024))
+    alpha: float = opt(16.0, "LoRA alpha (scale = alpha / r)", range=(0.0, None))
+    dropout: float = opt(0.05, "dropout on the adapter input", range=(0.0, 0.9))
+    targets: list[str] = opt(None, "module names to adapt, or ['all-linear']",
+                             factory=lambda: ["q_proj", "v_proj"])
+    router: str = opt("linear", "router type", choices=("linear",))
+    renormalize: bool = opt(False, "renormalise kept top-k gates")
+    rescale: str = opt("learned", "tier rescaler", choices=("learned", "fixed", "off"))
+    shared_expert: bool = opt(False, "add an always-on shared expert")
+    aux_loss_weight: float = opt(1e-3, "load-balancing loss weight", range=(0.0, None))
+
+    def mole(self, seed: int) -> MoLEConfig:
+        return MoLEConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, init_seed=seed)
+
+
+@dataclass
+class TrainSection:
+    local_steps: int = opt(10, "optimizer steps per client per round", range=(1, None))
+    batch_size: int = opt(8, "sequences per step", range=(1, None))
+    lr: float = opt(1e-3, "AdamW learning rate", range=(0.0, 1.0))
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, None))
+    grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", range=(0.0, None))
+
+
+@dataclass
+class FedSection:
+    tiers: list[int] = opt(None, "experts per token of each client, or tier values mixed by tier_proportions",
+                           factory=lambda: [8, 4, 2, 1])
+    tier_proportions: list[float] = opt(None, "share of clients per tier (same length as tiers); "
+                                        "empty = one tier per client if lengths match, else equal shares",
+                                        factory=list)
+    sample_fraction: float = opt(1.0, "fraction of clients trained each round", range=(1e-6, 1.0))
+    min_clients: int = opt(1, "fewest accepted replies for a round to count", range=(1, None))
+
+
+@dataclass
+class EvalSection:
+    every: int = opt(0, "evaluate every N rounds (0 = before training and after the last round)",
+                     range=(0, None))
+    max_new_tokens: int = opt(32, "greedy decoding bound", range=(1, None))
+    batch_size: int = opt(16, "prompts per generation batch", range=(1, None))
+    max_prompt_tokens: int = opt(256, "prompt length cap at evaluation", range=(16, None))
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    fed: FedSection = field(default_factory=FedSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    methods: dict[str, Any] = field(default_factory=dict)  # method name -> its options dataclass
+
+    def method_options(self, name: str | None = None):
+        return self.methods[name or self.run.method]
+
+    def to_dict(self) -> dict:
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        out.update({name: dataclasses.asdict(o) for name, o in self.methods.items()})
+        return out
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "methods"}
+
+
+def _method_registry() -> dict[str, type]:
+    from fedmole.algorithms import METHOD_OPTIONS
+
+    return METHOD_OPTIONS
+
+
+def _check_value(where: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
+    """Coerce/validate one value against its annotation and metadata."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {item.__name__}, got {value!r}")
+        return [_check_scalar(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    value = _check_scalar(where, value, hint)
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{where} = {value!r}; allowed: {', '.join(map(str, meta['choices']))}")
+    if meta.get("range"):
+        lo, hi = meta["range"]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+            raise ConfigError(f"{where} = {value!r} is out of range; allowed: {bounds}")
+    return value
+
+
+def _check_scalar(where: str, value: Any, hint: Any) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build_section(cls: type, table: dict, name: str):
+    """Instantiate dataclass `cls` from a TOML table, rejecting unknown keys."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]}; allowed in [{name}]: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {k: _check_value(f"{name}.{k}", fields[k], v, hints[k]) for k, v in table.items()}
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'fed.tiers=[4,2]' -> (['fed', 'tiers'], [4, 2]); bare keys belong to [run]."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # bare words are strings
+    path = key.split(".")
+    if len(path) == 1:
+        path = ["run", *path]
+    if len(path) != 2:
+        raise ConfigError(f"override key {key!r} must be SECTION.KEY (or a [run] key)")
+    return path, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Load a TOML config (or the defaults), apply overrides and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table")
+        raw[section][key] = value
+
+    registry = _method_registry()
+    known = set(SECTIONS) | set(registry)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(sorted(known))}")
+    cfg = Config(
+        **{name: build_section(f.default_factory().__class__, raw.get(name, {}), name) for name, f in SECTIONS.items()},
+        methods={name: build_section(cls, raw.get(name, {}), name) for name, cls in registry.items()},
+    )
+    if cfg.run.method not in registry:
+        raise ConfigError(f"run.method = {cfg.run.method!r}; allowed: {', '.join(registry)}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules."""
+    e = cfg.adapter.num_experts
+    for t in cfg.fed.tiers:
+        if not 1 <= t <= e:
+            raise ConfigError(f"fed.tiers contains {t}; each tier must be in 1..adapter.num_experts ({e})")
+    if not cfg.fed.tiers:
+        raise ConfigError("fed.tiers is empty; give at least one tier (experts per token)")
+    props = cfg.fed.tier_proportions
+    if props:
+        if len(props) != len(cfg.fed.tiers):
+            raise ConfigError(
+                f"fed.tier_proportions has {len(props)} entries but fed.tiers has {len(cfg.fed.tiers)}; they must match"
+            )
+        if any(p < 0 for p in props) or sum(props) <= 0:
+            raise ConfigError(f"fed.tier_proportions = {props}; entries must be >= 0 with a positive sum")
+    if cfg.fed.min_clients > cfg.data.num_clients:
+        raise ConfigError(
+            f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"
+        )
+    if cfg.data.val_frac + cfg.data.test_frac >= 0.9:
+        raise ConfigError("data.val_frac + data.test_frac must stay below 0.9")
+    if cfg.data.partition == "task" and cfg.data.tasks and len(cfg.data.tasks) < cfg.data.num_clients:
+        raise ConfigError(
+            f"data.tasks lists {len(cfg.data.tasks)} tasks but data.num_clients = {cfg.data.num_clients}; "
+            "the task partition needs one task per client"
+        )
+    if cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens > 4096:
+        raise ConfigError("eval.max_prompt_tokens + eval.max_new_tokens must stay within 4096")
+
+
+def assign_tiers(cfg: Config) -> list[int]:
+    """Tier of each client: the list as given, or proportions by largest remainder (in client order)."""
+    tiers, props, n = cfg.fed.tiers, cfg.fed.tier_proportions, cfg.data.num_clients
+    if not props and len(tiers) == n:
+        return list(tiers)
+    props = props or [1.0] * len(tiers)
+    total = sum(props)
+    exact = [p / total * n for p in props]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(tiers)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    out: list[int] = []
+    for tier, c in zip(tiers, counts):
+        out += [tier] * c
+    return out
+
+
+def describe(cls: type = Config) -> list[str]:
+    """Lines `section.key = default  # help` for documentation and `fedmole config`."""
+    lines = []
+    for name, f in SECTIONS.items():
+        section = f.default_factory()
+        for g in dataclasses.fields(section):
+            lines.append(f"{name}.{g.name} = {getattr(section, g.name)!r}  # {g.metadata.get('help', '')}")
+    for name, ocls in _method_registry().items():
+        o = ocls()
+        for g in dataclasses.fields(o):
+            lines.append(f"{name}.{g.name} = {getattr(o, g.name)!r}  # {g.metadata.get('help', '')}")
+    return lines
+
+
