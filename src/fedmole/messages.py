@@ -45,3 +45,15 @@ class Reply:
 def state_nbytes(state: State) -> int:
     """Bytes a state dict occupies on the wire (raw tensor payload)."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def state_sha256(state: State) -> str:
+    """Order-independent fingerprint of a state dict: names, dtypes, shapes and bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

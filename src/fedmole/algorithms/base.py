@@ -29,6 +29,7 @@ class ClientRuntime:
     batches: object  # fedmole.data.tokenize.TrainBatches
     adapter: MoLEAdapter
     trainer: LocalTrainer
+    aux_batches: list = field(default_factory=list)  # padded batches of the aux split (no-grad passes)
     store: dict = field(default_factory=dict)  # persistent client state (optimizer, personal tensors)
 
 
@@ -37,6 +38,13 @@ class Method:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type]
+
+    @classmethod
+    def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int]) -> MoLEAdapter:
+        """Inject this method's adapter into the frozen base model (default: MoLE, spec 1.1)."""
+        from fedmole.adapters.inject import inject_mole
+
+        return inject_mole(model, adapter_cfg.mole(seed), k_max=max(tiers))
 
     def __init__(self, options, adapter: MoLEAdapter, tiers: list[int], seed: int):
         self.options = options

@@ -1,0 +1,3 @@
+from fedmole.cli import main
+import sys
+sys.exit(main())

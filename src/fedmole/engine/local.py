@@ -1,0 +1,226 @@
+"""Local engine: every simulated client in one process, sharing one frozen base model.
+
+The round loop is written out once in `LocalEngine.run`: select, configure,
+train, validate, aggregate, evaluate, checkpoint. Client-side state
+(optimizer moments, personal tensors) lives in each client's runtime store
+and is swapped in with the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.config import Config
+from fedmole.engine.setup import Setup
+from fedmole.evaluation.generate import evaluate_generation
+from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
+from fedmole.reporting.rundir import RunDir
+
+log = logging.getLogger("fedmole")
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients replied with an acceptable update."""
+
+
+def reply_nbytes(reply: Reply) -> int:
+    counts = sum(c.numel() * c.element_size() for c in reply.expert_counts.values())
+    return state_nbytes(reply.state) + state_nbytes(reply.extra) + counts
+
+
+class LocalEngine:
+    """Runs one configured federated job and writes its run directory."""
+
+    name = "local"
+
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        self.cfg = cfg
+        self.out = RunDir(run_dir)
+        self.setup = Setup(cfg)
+        self.method = self.setup.method
+        self.progress = cfg.run.progress
+
+    # -- the round loop --------------------------------------------------------
+    def run(self) -> dict:
+        cfg, out = self.cfg, self.out
+        started = time.perf_counter()
+        out.write_config(cfg.to_dict())
+        global_state = self.method.initial_state(self.setup.adapter)
+
+        before = self.evaluate(global_state, rnd=0)
+        out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
+        comm = {"up": 0, "down": 0}
+        last_replies: list[Reply] = []
+        evaluation = before
+
+        for rnd in range(1, cfg.run.rounds + 1):
+            t0 = time.perf_counter()
+            selected = self.select(rnd)                                          # select
+            instructions = self.method.configure(rnd, selected, global_state)    # configure
+            replies, failures = self.train_clients(rnd, instructions)            # train
+            accepted, rejected = self.validate(replies, instructions)            # validate
+            rejected.update(failures)
+            if len(accepted) < cfg.fed.min_clients:
+                raise RoundFailed(
+                    f"round {rnd}: {len(accepted)} acceptable replies, fed.min_clients = {cfg.fed.min_clients}; "
+                    f"rejected: {rejected}"
+                )
+            global_state = self.method.aggregate(rnd, accepted, global_state)   # aggregate
+            evaluation = self.evaluate(global_state, rnd) if self.eval_due(rnd) else None  # evaluate
+            out.checkpoint(rnd, global_state, self.method.state_dict(),        # checkpoint
+                           {"seed": cfg.run.seed, "method": cfg.run.method})
+
+            down = sum(state_nbytes(i.state) for i in instructions)
+            up = sum(reply_nbytes(r) for r in accepted)
+            comm["up"] += up
+            comm["down"] += down
+            row = {
+                "round": rnd,
+                "train_loss": float(np.mean([r.train_loss for r in accepted])),
+                **(_headline(evaluation) if evaluation else {}),
+                "clients": [r.client_id for r in accepted],
+                "rejected": {str(c): why for c, why in rejected.items()},
+                "comm_bytes_up": up,
+                "comm_bytes_down": down,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            out.log_round(row)
+            log.info("round %d: loss %.4f%s", rnd, row["train_loss"],
+                     f", rouge_l {row['rouge_l']:.2f}" if "rouge_l" in row else "")
+            last_replies = accepted
+
+        final = evaluation if evaluation is not None else self.evaluate(global_state, cfg.run.rounds)
+        out.save_adapter(global_state)
+        summary = {
+            "method": cfg.run.method,
+            "engine": self.name,
+            "model": cfg.model.name,
+            "rounds": cfg.run.rounds,
+            "seed": cfg.run.seed,
+            "metrics": _headline(final),
+            "baseline_metrics": _headline(before),
+            "per_client": final["per_client"],
+            "per_tier": final["per_tier"],
+            "comm_bytes": comm,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "final_state_sha256": state_sha256(global_state),
+            "expert_usage": self.expert_usage(last_replies),
+            "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
+        }
+        out.write_summary(summary)
+        from fedmole.reporting.report import write_report
+
+        write_report(out.path)
+        return summary
+
+    # -- steps -----------------------------------------------------------------
+    def select(self, rnd: int) -> list[int]:
+        n = len(self.setup.runtimes)
+        m = min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
+        if m == n:
+            return list(range(n))
+        rng = np.random.default_rng([self.cfg.run.seed, rnd])
+        return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
+
+    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+        replies, failures = [], {}
+        bar = tqdm(instructions, desc=f"round {rnd}/{self.cfg.run.rounds}", unit="client",
+                   disable=not self.progress, leave=False)
+        for instruction in bar:
+            rt = self.setup.runtimes[instruction.client_id]
+            torch.manual_seed(client_seed(self.cfg.run.seed, rnd, rt.client_id))
+            t0 = time.perf_counter()
+            try:
+                reply = self.method.client_update(rt, instruction)
+            except Exception as e:  # one failing client must not stop the round
+                log.warning("round %d: client %d failed: %r", rnd, rt.client_id, e)
+                failures[rt.client_id] = f"exception: {e!r}"
+                continue
+            reply.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
+            bar.set_postfix(loss=f"{reply.train_loss:.3f}")
+            replies.append(reply)
+        return replies, failures
+
+    def validate(self, replies: list[Reply], instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+        sent = {i.client_id: i for i in instructions}
+        accepted, rejected = [], {}
+        for reply in replies:
+            why = self.method.check(reply, sent[reply.client_id]) if reply.client_id in sent else "not selected"
+            if why:
+                log.warning("rejected reply of client %d: %s", reply.client_id, why)
+                rejected[reply.client_id] = why
+            else:
+                accepted.append(reply)
+        return accepted, rejected
+
+    def eval_due(self, rnd: int) -> bool:
+        every = self.cfg.eval.every
+        return rnd == self.cfg.run.rounds or (every > 0 and rnd % every == 0)
+
+    def evaluate(self, global_state: State, rnd: int) -> dict:
+        """Generate on every client's test split with its tier's k; per client, per tier, mean."""
+        e = self.cfg.eval
+        per_client = {}
+        bar = tqdm(self.setup.runtimes, desc=f"evaluate (round {rnd})", unit="client",
+                   disable=not self.progress, leave=False)
+        for rt in bar:
+            k = self.method.eval_view(rt, global_state)
+            with self.setup.adapter.route(k):
+                res = evaluate_generation(
+                    self.setup.model, self.setup.tokenizer, rt.data.test, self.setup.encode_prompt,
+                    max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, autocast_dtype=self.setup.autocast,
+                )
+            per_client[rt.data.name] = {
+                "client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
+                "exact_match": res["exact_match"], "n": res["n"],
+            }
+        return summarise(per_client)
+
+    def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
+        """Fraction of routed tokens per expert, averaged over modules, per client of the last round."""
+        usage = {}
+        for r in replies:
+            if not r.expert_counts:
+                continue
+            fracs = [c / c.sum().clamp_min(1) for c in r.expert_counts.values()]
+            usage[self.setup.runtimes[r.client_id].data.name] = torch.stack(fracs).mean(0).tolist()
+        return usage
+
+
+def summarise(per_client: dict) -> dict:
+    tiers = defaultdict(list)
+    for name, m in per_client.items():
+        tiers[m["tier"]].append(m)
+    per_tier = {
+        str(t): {
+            "rouge_l": float(np.mean([m["rouge_l"] for m in ms])),
+            "exact_match": float(np.mean([m["exact_match"] for m in ms])),
+            "clients": len(ms),
+        }
+        for t, ms in sorted(tiers.items(), reverse=True)
+    }
+    return {
+        "rouge_l": float(np.mean([m["rouge_l"] for m in per_client.values()])),
+        "exact_match": float(np.mean([m["exact_match"] for m in per_client.values()])),
+        "per_client": per_client,
+        "per_tier": per_tier,
+    }
+
+
+def _headline(evaluation: dict) -> dict:
+    return {"rouge_l": evaluation["rouge_l"], "exact_match": evaluation["exact_match"]}
+
+
+def run_local(cfg: Config, run_dir: str | Path) -> dict:
+    return LocalEngine(cfg, run_dir).run()
+
+
+__all__ = ["LocalEngine", "RoundFailed", "run_local", "ClientRuntime"]

@@ -1,0 +1,267 @@
+"""Markdown report and plots for one run directory.
+
+Reads `metrics.jsonl` (one record per round) and `summary.json`, writes
+`report.md`, `plot_metric.png` and, when the summary has expert usage,
+`plot_expert_usage.png`. Every field beyond the round number is optional:
+a run that stopped early, or a method without experts, still gets a report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRIC_PLOT = "plot_metric.png"
+USAGE_PLOT = "plot_expert_usage.png"
+
+# Per-round columns shown first, in this order; other scalar fields follow.
+_ROUND_COLUMNS = ("round", "train_loss", "rouge_l", "exact_match", "comm_bytes_up", "comm_bytes_down", "seconds")
+_BYTE_FIELDS = {"comm_bytes_up", "comm_bytes_down"}
+_SCORE_FIELDS = {"rouge_l", "exact_match", "accuracy"}  # 0-100 scores, always two decimals
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable byte count in binary units: 512 B, 1.50 KiB, 3.00 MiB, ..."""
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if abs(value) < 1024:
+            break
+    return f"{value:.2f} {unit}"
+
+
+def _format_seconds(s: float) -> str:
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    minutes, sec = divmod(int(round(s)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d} ({s:.0f} s)"
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool))
+
+
+def _cell(key: str, v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if key in _BYTE_FIELDS:
+            return format_bytes(v)
+        if key in _SCORE_FIELDS and math.isfinite(v):
+            return f"{v:.2f}"
+        if isinstance(v, float) and math.isfinite(v):
+            return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}"
+    return str(v).replace("|", "\\|")  # a pipe would split the Markdown cell
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _sort_key(name: Any) -> tuple:
+    # Tiers and client names are often numbers or end in one ("client_10").
+    text = str(name)
+    digits = "".join(ch for ch in text if ch.isdigit())
+    return (text.rstrip("0123456789"), int(digits) if digits else -1, text)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Round records from a JSONL file; unreadable lines (a run killed mid-write) are skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d is not valid JSON; skipped", path, lineno)
+    return rows
+
+
+def _summary_section(summary: dict) -> list[str]:
+    after = summary.get("metrics") or {}
+    before = summary.get("baseline_metrics") or {}
+    numeric = {k for d in (before, after) for k, v in d.items() if isinstance(v, (int, float))}
+    keys = [k for k in ("rouge_l", "exact_match") if k in numeric] + sorted(numeric - {"rouge_l", "exact_match"})
+    if not keys:
+        return []
+    rows = []
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        delta = f"{a - b:+.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "–"
+        rows.append([k, _cell(k, b), _cell(k, a), delta])
+    return ["## Summary", "", *_table(["metric", "before training", "after training", "change"], rows), ""]
+
+
+def _rounds_section(rounds: list[dict]) -> list[str]:
+    if not rounds:
+        return []
+    present = {k for r in rounds for k, v in r.items() if _is_scalar(v)}
+    columns = [c for c in _ROUND_COLUMNS if c in present]
+    columns += sorted(present - set(columns))
+    rows = [[_cell(c, r.get(c)) for c in columns] for r in rounds]
+    return ["## Per round", "", *_table(columns, rows), ""]
+
+
+def _tier_section(per_tier: dict) -> list[str]:
+    if not per_tier:
+        return []
+    rows = []
+    for tier in sorted(per_tier, key=_sort_key):
+        info = per_tier[tier] or {}
+        clients = info.get("clients")
+        clients = len(clients) if isinstance(clients, (list, tuple)) else clients
+        rows.append([_cell("tier", tier), _cell("clients", clients), _cell("rouge_l", info.get("rouge_l")),
+                     _cell("exact_match", info.get("exact_match"))])
+    return ["## Per tier", "", *_table(["tier", "clients", "rouge_l", "exact_match"], rows), ""]
+
+
+def _client_section(per_client: dict) -> list[str]:
+    if not per_client:
+        return []
+    first = ["tier", "rouge_l", "exact_match"]
+    present = {k for info in per_client.values() for k, v in (info or {}).items() if _is_scalar(v)}
+    columns = [c for c in first if c in present] + sorted(present - set(first))
+    rows = [[_cell("client", name)] + [_cell(c, (per_client[name] or {}).get(c)) for c in columns]
+            for name in sorted(per_client, key=_sort_key)]
+    return ["## Per client", "", *_table(["client", *columns], rows), ""]
+
+
+def _cost_section(summary: dict, rounds: list[dict]) -> list[str]:
+    lines = []
+    comm = summary.get("comm_bytes") or {}
+    up, down = comm.get("up"), comm.get("down")
+    if up is None and down is None and rounds:
+        # Older or partial runs: fall back to the per-round counters.
+        ups = [r["comm_bytes_up"] for r in rounds if isinstance(r.get("comm_bytes_up"), (int, float))]
+        downs = [r["comm_bytes_down"] for r in rounds if isinstance(r.get("comm_bytes_down"), (int, float))]
+        up, down = (sum(ups) if ups else None), (sum(downs) if downs else None)
+    if up is not None or down is not None:
+        total = (up or 0) + (down or 0)
+        lines += ["## Communication", ""]
+        lines += _table(
+            ["direction", "bytes", "size"],
+            [["up (clients → server)", _cell("", up), format_bytes(up) if up is not None else "–"],
+             ["down (server → clients)", _cell("", down), format_bytes(down) if down is not None else "–"],
+             ["total", str(total), format_bytes(total)]],
+        )
+        lines.append("")
+    wall = summary.get("wall_seconds")
+    if wall is None and rounds:
+        secs = [r["seconds"] for r in rounds if isinstance(r.get("seconds"), (int, float))]
+        wall = sum(secs) if secs else None
+    if wall is not None:
+        lines += ["## Wall time", "", f"{_format_seconds(wall)} in total.", ""]
+    return lines
+
+
+def _plot_metrics(rounds: list[dict], path: Path) -> bool:
+    series = {
+        key: [(r["round"], r[key]) for r in rounds if isinstance(r.get(key), (int, float)) and "round" in r]
+        for key in ("rouge_l", "train_loss")
+    }
+    if not any(series.values()):
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # A bare Figure on the Agg canvas: no pyplot global state, no display needed.
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, (key, label) in zip(fig.subplots(1, 2), (("rouge_l", "ROUGE-L"), ("train_loss", "train loss"))):
+        points = series[key]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o")
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per round")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_expert_usage(usage: dict, per_client: dict, path: Path) -> bool:
+    names = [n for n in sorted(usage, key=_sort_key) if usage[n]]
+    if not names:
+        return False
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    width = max(len(usage[n]) for n in names)
+    grid = np.full((len(names), width), np.nan)  # (clients, experts); NaN where a client has fewer experts
+    for row, name in enumerate(names):
+        grid[row, : len(usage[name])] = usage[name]
+    labels = []
+    for name in names:
+        tier = (per_client.get(name) or {}).get("tier")
+        labels.append(f"{name} (k={tier})" if tier is not None else str(name))
+
+    fig = Figure(figsize=(max(6, 0.4 * width + 3), max(3, 0.35 * len(names) + 1.5)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xlabel("expert")
+    if width <= 32:
+        ax.set_xticks(range(width))
+    ax.set_ylabel("client")
+    ax.set_yticks(range(len(names)), labels)
+    ax.set_title("fraction of routed tokens per expert")
+    fig.colorbar(image, ax=ax)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `report.md` and its plots into `run_dir`; returns the report path."""
+    run_dir = Path(run_dir)
+    rounds = read_metrics(run_dir / "metrics.jsonl")
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+
+    method = summary.get("method", "unknown method")
+    lines = [f"# fedmole run: {method}", ""]
+    facts = [(label, summary.get(key)) for label, key in
+             (("engine", "engine"), ("rounds", "rounds"), ("seed", "seed"), ("final state sha256", "final_state_sha256"))]
+    lines += [f"- {label}: `{value}`" for label, value in facts if value is not None]
+    if rounds and "rounds" not in summary:
+        lines.append(f"- rounds recorded: {len(rounds)}")
+    lines.append("")
+
+    lines += _summary_section(summary)
+    lines += _tier_section(summary.get("per_tier") or {})
+    lines += _client_section(summary.get("per_client") or {})
+    lines += _rounds_section(rounds)
+    lines += _cost_section(summary, rounds)
+
+    plots = []
+    if _plot_metrics(rounds, run_dir / METRIC_PLOT):
+        plots.append(("Metric and training loss per round", METRIC_PLOT))
+    if _plot_expert_usage(summary.get("expert_usage") or {}, summary.get("per_client") or {}, run_dir / USAGE_PLOT):
+        plots.append(("Expert usage per client", USAGE_PLOT))
+    if plots:
+        lines += ["## Plots", ""]
+        for title, name in plots:
+            lines += [f"### {title}", "", f"![{title}]({name})", ""]
+
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path

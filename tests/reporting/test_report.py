@@ -1,0 +1,77 @@
+"""Report writing from a fake run directory."""
+
+import json
+
+from fedmole.reporting.report import format_bytes, write_report
+
+
+def _write_run(run_dir, *, summary=True, usage=True):
+    rounds = [
+        {"round": 0, "rouge_l": 12.5, "exact_match": 1.0, "seconds": 3.0},
+        {"round": 1, "train_loss": 2.4567, "comm_bytes_up": 2048, "comm_bytes_down": 4096, "seconds": 10.0},
+        {"round": 2, "train_loss": 1.9876, "rouge_l": 34.56, "exact_match": 7.25, "comm_bytes_up": 2048,
+         "comm_bytes_down": 4096, "seconds": 11.0, "lr": 0.0003},
+    ]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rounds) + "\n")
+    if not summary:
+        return
+    data = {
+        "method": "flame",
+        "engine": "local",
+        "rounds": 2,
+        "seed": 7,
+        "metrics": {"rouge_l": 34.56, "exact_match": 7.25},
+        "baseline_metrics": {"rouge_l": 12.5, "exact_match": 1.0},
+        "per_client": {
+            "client_0": {"rouge_l": 40.0, "exact_match": 10.0, "tier": 8, "n": 20},
+            "client_1": {"rouge_l": 29.12, "exact_match": 4.5, "tier": 2, "n": 20},
+        },
+        "per_tier": {"8": {"rouge_l": 40.0, "exact_match": 10.0, "clients": ["client_0"]},
+                     "2": {"rouge_l": 29.12, "exact_match": 4.5, "clients": 1}},
+        "comm_bytes": {"up": 4096, "down": 3 * 1024 * 1024},
+        "wall_seconds": 3725.0,
+        "final_state_sha256": "abc123",
+    }
+    if usage:
+        data["expert_usage"] = {"client_0": [0.5, 0.25, 0.125, 0.125], "client_1": [0.9, 0.1]}
+    (run_dir / "summary.json").write_text(json.dumps(data))
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(3 * 1024 * 1024) == "3.00 MiB"
+    assert format_bytes(5 * 1024**3) == "5.00 GiB"
+
+
+def test_full_report(tmp_path):
+    _write_run(tmp_path)
+    path = write_report(tmp_path)
+    assert path == tmp_path / "report.md"
+    text = path.read_text()
+    assert text.startswith("# fedmole run: flame")
+    assert "| rouge_l | 12.50 | 34.56 | +22.06 |" in text  # before / after / change
+    assert "| exact_match | 1.00 | 7.25 | +6.25 |" in text
+    assert "| 2 | 1 | 29.12 | 4.50 |" in text  # tier 2 row, clients given as a count
+    assert "| 8 | 1 | 40.00 | 10.00 |" in text  # tier 8 row, clients given as a list
+    assert "| client_1 | 2 | 29.12 | 4.50 | 20 |" in text
+    assert "2.457" in text and "1.988" in text and "lr" in text  # per-round table keeps extra fields
+    assert "4.00 KiB" in text and "3.00 MiB" in text
+    assert "1:02:05" in text  # wall time
+    assert "abc123" in text
+    assert "](plot_metric.png)" in text and "](plot_expert_usage.png)" in text
+    for name in ("plot_metric.png", "plot_expert_usage.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_optional_fields(tmp_path):
+    _write_run(tmp_path, summary=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "train_lo')  # a run killed mid-write
+    text = write_report(tmp_path).read_text()
+    assert "# fedmole run: unknown method" in text
+    assert "## Per tier" not in text and "## Per client" not in text
+    assert "12.00 KiB" in text  # communication summed from the rounds
+    assert (tmp_path / "plot_metric.png").exists()
+    assert not (tmp_path / "plot_expert_usage.png").exists()
+    assert "plot_expert_usage.png" not in text

@@ -1,0 +1,54 @@
+"""Config loading: defaults, overrides, and clear errors before any work starts."""
+
+import pytest
+
+from fedmole.config import ConfigError, assign_tiers, load_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config()
+    assert cfg.run.method == "flame" and cfg.adapter.targets == ["q_proj", "v_proj"]
+    p = tmp_path / "c.toml"
+    p.write_text('[run]\nrounds = 5\n[fed]\ntiers = [2, 1]\n')
+    cfg = load_config(p, ["flame.t=4", "seed=3", "adapter.targets=['all-linear']", "model.name=tiny-llama"])
+    assert (cfg.run.rounds, cfg.run.seed, cfg.method_options().t) == (5, 3, 4.0)
+    assert cfg.adapter.targets == ["all-linear"] and cfg.model.name == "tiny-llama"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rounds=0", r"run.rounds = 0 is out of range; allowed: \[1, inf\]"),
+        ("run.bogus=1", "unknown key run.bogus; allowed in \\[run\\]: method"),
+        ("bogus.key=1", r"unknown section \[bogus\]"),
+        ("method=nope", "run.method = 'nope'; allowed: flame"),
+        ("adapter.rescale=sometimes", "adapter.rescale = 'sometimes'; allowed: learned, fixed, off"),
+        ("fed.tiers=[16]", r"fed.tiers contains 16; each tier must be in 1..adapter.num_experts \(8\)"),
+        ("train.lr='fast'", "train.lr: expected a number, got 'fast'"),
+        ("data.num_clients=2.5", "data.num_clients: expected an integer"),
+        ("fed.tier_proportions=[1.0]", "fed.tier_proportions has 1 entries but fed.tiers has 4"),
+        ("fed.min_clients=99", "fed.min_clients = 99 exceeds data.num_clients = 6"),
+        ("noequals", "is not key=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nrounds = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_tier_assignment():
+    cfg = load_config(None, ["data.num_clients=4", "fed.tiers=[8,4,2,1]"])
+    assert assign_tiers(cfg) == [8, 4, 2, 1]
+    cfg = load_config(None, ["data.num_clients=6", "fed.tiers=[8,2]", "fed.tier_proportions=[2,1]"])
+    assert assign_tiers(cfg) == [8, 8, 8, 8, 2, 2]
+    cfg = load_config(None, ["data.num_clients=7", "fed.tiers=[4,2,1]"])
+    assert sorted(assign_tiers(cfg), reverse=True) == assign_tiers(cfg) and len(assign_tiers(cfg)) == 7
