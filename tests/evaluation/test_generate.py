@@ -58,9 +58,9 @@ def _argmax_loop(model, prompt, n, eos):
 
 
 def test_batched_matches_unbatched_and_oracle(model, tok, prompts):
-    eos = {tok.eos_token_id}
-    batched = greedy_generate(model, prompts, pad_id=tok.pad_token_id, eos_ids=eos, max_new_tokens=8, batch_size=3)
-    single = [greedy_generate(model, [p], pad_id=tok.pad_token_id, eos_ids=eos, max_new_tokens=8)[0] for p in prompts]
+    eos, pad = {tok.eos_token_id}, tok.pad_token_id
+    batched = greedy_generate(model, prompts, pad_id=pad, eos_ids=eos, max_new_tokens=8, batch_size=3)
+    single = [greedy_generate(model, [p], pad_id=pad, eos_ids=eos, max_new_tokens=8)[0] for p in prompts]
     assert batched == single
     assert batched == [_argmax_loop(model, p, 8, eos) for p in prompts]
     assert len({tuple(b) for b in batched}) == len(prompts)  # order restored, not a shared answer

@@ -41,6 +41,13 @@ class RouterOutput(NamedTuple):
     aux_loss: torch.Tensor  # scalar Switch load-balancing loss
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def linear_dims(base: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear or a GPT-2 style Conv1D (weight stored d_in x d_out)."""
     if isinstance(base, nn.Linear):
@@ -60,7 +67,7 @@ def top_k_router(
     both over real tokens only.
     """
     n_tok, n_exp = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)  # (N, E)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, E)
     top_vals, top_idx = probs.topk(k, dim=-1)  # (N, k)
     if renormalize:
         top_vals = top_vals / top_vals.sum(dim=-1, keepdim=True)
@@ -152,33 +159,35 @@ class MoLELinear(nn.Module):
         return names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         k = self.routing.k
         if not 1 <= k <= self.num_experts:
             raise ValueError(f"active experts k={k}; allowed: 1..{self.num_experts}")
         lead = x.shape[:-1]
-        xf = x.reshape(-1, self.d_in)  # (N, d_in)
-        n_tok = xf.shape[0]
+        xc = x.reshape(-1, self.d_in).to(compute_dtype(x))  # (N, d_in), cast once for every matmul
+        n_tok = xc.shape[0]
+        out = self.base_layer(xc)
         mask = self.routing.token_mask
         if mask is not None and mask.numel() != n_tok:
             mask = None  # e.g. cached generation steps: every token is real
 
-        route = top_k_router(xf @ self.router.t().to(xf.dtype), k, self.renormalize, mask)
+        route = top_k_router(F.linear(xc, self.router.to(xc.dtype)), k, self.renormalize, mask)
         if self.training:
             self.aux_loss = route.aux_loss
         if self.routing.collect:
             self._count(route.indices, mask)
+        # fold alpha/r and the tier scale into the (N, E) gates rather than the (N, d_out) output
+        gates = route.gates * (self.scaling * self.rescale[k - 1])  # (N, E)
 
-        xd = self.dropout(xf)
+        xd = self.dropout(xc)
         E, r = self.num_experts, self.rank
-        h = xd @ self.lora_A.reshape(E * r, self.d_in).t().to(xd.dtype)  # (N, E*r)
-        h = h.view(n_tok, E, r) * route.gates.unsqueeze(-1).to(h.dtype)  # (N, E, r)
-        b_cat = self.lora_B.permute(0, 2, 1).reshape(E * r, self.d_out)  # (E*r, d_out)
-        delta = h.reshape(n_tok, E * r) @ b_cat.to(h.dtype)  # (N, d_out)
-        delta = delta * (self.scaling * self.rescale[k - 1]).to(delta.dtype)
+        h = F.linear(xd, self.lora_A.reshape(E * r, self.d_in).to(xc.dtype))  # (N, E*r)
+        h = (h.view(n_tok, E, r) * gates.unsqueeze(-1).to(h.dtype)).view(n_tok, E * r)
+        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.d_out, E * r)  # (d_out, E*r)
+        out = out + F.linear(h, b_cat.to(h.dtype))  # (N, d_out)
         if self.shared_A is not None:
-            delta = delta + (xd @ self.shared_A.t().to(xd.dtype)) @ self.shared_B.t().to(xd.dtype) * self.scaling
-        return out + delta.view(*lead, self.d_out).to(out.dtype)
+            shared = F.linear(F.linear(xd, self.shared_A.to(xd.dtype)), self.shared_B.to(xd.dtype))
+            out = out + shared * self.scaling
+        return out.view(*lead, self.d_out)
 
     @torch.no_grad()
     def _count(self, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -203,7 +212,8 @@ def reference_forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
     out = layer.base_layer(x)
     k = layer.routing.k
     xf = x.reshape(-1, layer.d_in)
-    probs = F.softmax((xf @ layer.router.t()).float(), dim=-1)
+    logits = xf @ layer.router.t()
+    probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     vals, idx = probs.topk(k, dim=-1)
     if layer.renormalize:
         vals = vals / vals.sum(-1, keepdim=True)

@@ -120,7 +120,7 @@ def _tier_section(per_tier: dict) -> list[str]:
     if not per_tier:
         return []
     rows = []
-    for tier in sorted(per_tier, key=_sort_key):
+    for tier in per_tier:  # the summary's order (the engine lists larger k first)
         info = per_tier[tier] or {}
         clients = info.get("clients")
         clients = len(clients) if isinstance(clients, (list, tuple)) else clients
@@ -239,9 +239,10 @@ def write_report(run_dir: Path) -> Path:
 
     method = summary.get("method", "unknown method")
     lines = [f"# fedmole run: {method}", ""]
-    facts = [(label, summary.get(key)) for label, key in
-             (("engine", "engine"), ("rounds", "rounds"), ("seed", "seed"), ("final state sha256", "final_state_sha256"))]
-    lines += [f"- {label}: `{value}`" for label, value in facts if value is not None]
+    for label, key in (("engine", "engine"), ("model", "model"), ("rounds", "rounds"), ("seed", "seed"),
+                       ("autocast", "autocast"), ("final state sha256", "final_state_sha256")):
+        if summary.get(key) is not None:
+            lines.append(f"- {label}: `{summary[key]}`")
     if rounds and "rounds" not in summary:
         lines.append(f"- rounds recorded: {len(rounds)}")
     lines.append("")
@@ -255,7 +256,8 @@ def write_report(run_dir: Path) -> Path:
     plots = []
     if _plot_metrics(rounds, run_dir / METRIC_PLOT):
         plots.append(("Metric and training loss per round", METRIC_PLOT))
-    if _plot_expert_usage(summary.get("expert_usage") or {}, summary.get("per_client") or {}, run_dir / USAGE_PLOT):
+    per_client = summary.get("per_client") or {}
+    if _plot_expert_usage(summary.get("expert_usage") or {}, per_client, run_dir / USAGE_PLOT):
         plots.append(("Expert usage per client", USAGE_PLOT))
     if plots:
         lines += ["## Plots", ""]

@@ -1,0 +1,317 @@
+"""LoRA on the experts of a sparse MoE base model, with a per-call top-k cap (spec 1.2, 1.4).
+
+FLAME's own setting: the base model is a sparse mixture of experts (OLMoE:
+64 experts, top-8, gates not renormalised). Every pretrained expert FFN gets
+its own LoRA on its fused gate/up projection and on its down projection; a
+client of tier k keeps the base router but runs only its top-k experts per
+token (k <= the model's top-k), so the skipped experts cost nothing:
+
+    y = s_k * sum_{j in topk(p(x), k)} g_j(x) * FFN_j(x)        (+ gated shared expert, Qwen2-MoE)
+    FFN_j(x) = (W^d_j + (a/r) B^d_j A^d_j) (act(gate) * up),
+    [gate; up] = (W^gu_j + (a/r) B^gu_j A^gu_j) x
+
+with g the softmax gates kept at top-k, renormalised exactly as the family
+does at full top-k (OLMoE and Qwen2-MoE: no, Mixtral: yes, Qwen3-MoE: as
+`norm_topk_prob`), and s_k the tier rescaler (init top_k/k when the gates are
+not renormalised, 1 otherwise).
+
+Routed (token, slot) rows are sorted by expert and each projection runs as
+one grouped matmul over the experts' row blocks (`torch.nn.functional.
+grouped_mm`; a per-expert loop over experts that received rows where it is
+unavailable), so only selected experts compute and no Python loop runs over
+experts on CPU.
+
+Saved tensors (names keyed by FLAME's aggregation: a `lora_` prefix marks a
+first dimension that indexes experts): `lora_gate_up_A` (E, r, H),
+`lora_gate_up_B` (E, 2I, r), `lora_down_A` (E, r, I), `lora_down_B` (E, H, r),
+`rescale` (top_k,) when learned, `router` (E, H) when the router is trained.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmole.adapters.inject import MoLEAdapter, MoLEConfig
+from fedmole.adapters.mole import RESCALE_MODES, Routing, top_k_router
+
+# model_type -> (module, sparse block class) of the supported transformers families
+FAMILIES = {
+    "olmoe": ("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock"),
+    "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock"),
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeSparseMoeBlock"),
+    "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock"),
+}
+
+EXPERT_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands: its kernels want rows of a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm") or any(d * x.element_size() % 16 for d in weight.shape[1:]):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per-group linear map over rows sorted by group.
+
+    x: (M, d_in), rows offs[g-1]:offs[g] belong to group g; weight: (G, d_out, d_in);
+    offs: (G,) int32 cumulative row counts. Returns (M, d_out); groups with no
+    rows cost nothing.
+    """
+    weight = weight.to(x.dtype)
+    if _grouped_mm_supported(x, weight):
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+    bounds = [0, *offs.tolist()]
+    parts = [F.linear(x[a:b], weight[g]) for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+
+
+class MoELoRABlock(nn.Module):
+    """A frozen sparse MoE block (router + stacked experts) with per-expert LoRA and a top-k cap.
+
+    The base submodules keep their names (`gate`, `experts`, and Qwen2-MoE's
+    `shared_expert`, `shared_expert_gate`), so the base weights keep their
+    state-dict keys. Input and output: (..., H).
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        routing: Routing,
+        *,
+        top_k: int,
+        renormalize: bool,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rescale: str = "learned",
+        train_router: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if rescale not in RESCALE_MODES:
+            raise ValueError(f"rescale={rescale!r}; allowed: {', '.join(RESCALE_MODES)}")
+        self.gate = block.gate
+        self.experts = block.experts
+        self.shared_expert = getattr(block, "shared_expert", None)
+        self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
+        self.jitter_noise = float(getattr(block, "jitter_noise", 0.0))
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        E, two_i, H = gate_up.shape
+        if down.shape != (E, H, two_i // 2) or self.gate.weight.shape != (E, H):
+            raise ValueError(
+                f"unexpected expert layout: gate_up_proj {tuple(gate_up.shape)}, down_proj {tuple(down.shape)}, "
+                f"router {tuple(self.gate.weight.shape)}; expected (E, 2I, H), (E, H, I), (E, H)"
+            )
+        self.routing = routing
+        self.num_experts, self.hidden, self.intermediate = E, H, two_i // 2
+        self.top_k, self.rank, self.scaling = top_k, rank, alpha / rank
+        self.renormalize = renormalize
+        self.rescale_mode = rescale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev = gate_up.device
+
+        def lora_a(d_in: int) -> nn.Parameter:  # kaiming-uniform (a=sqrt(5)) as in PEFT: U(+-1/sqrt(d_in))
+            bound = 1.0 / math.sqrt(d_in)
+            return nn.Parameter(torch.empty(E, rank, d_in).uniform_(-bound, bound, generator=generator).to(dev))
+
+        self.lora_gate_up_A = lora_a(H)  # (E, r, H)
+        self.lora_gate_up_B = nn.Parameter(torch.zeros(E, two_i, rank, device=dev))  # (E, 2I, r)
+        self.lora_down_A = lora_a(self.intermediate)  # (E, r, I)
+        self.lora_down_B = nn.Parameter(torch.zeros(E, H, rank, device=dev))  # (E, H, r)
+
+        ks = torch.arange(1, top_k + 1, dtype=torch.float32, device=dev)
+        init = torch.ones_like(ks) if renormalize else top_k / ks  # (top_k,): entry k-1 scales tier k
+        if rescale == "learned":
+            self.rescale = nn.Parameter(init)
+        elif rescale == "fixed":
+            self.register_buffer("rescale", init, persistent=False)
+        else:
+            self.register_buffer("rescale", torch.ones_like(ks), persistent=False)
+        # a trained router starts from the base gate, which then stays untouched
+        self.router = nn.Parameter(self.gate.weight.detach().float().clone()) if train_router else None
+
+        self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.float64), persistent=False)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def adapter_names(self) -> list[str]:
+        """Names of this block's trainable adapter tensors (the saved state)."""
+        names = list(EXPERT_TENSORS)
+        if self.rescale_mode == "learned":
+            names.append("rescale")
+        if self.router is not None:
+            names.append("router")
+        return names
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        k = self.routing.k
+        if not 1 <= k <= self.top_k:
+            raise ValueError(f"active experts k={k}; allowed: 1..{self.top_k} (the base model's top-k)")
+        lead = hidden_states.shape[:-1]
+        x = hidden_states.reshape(-1, self.hidden)  # (N, H)
+        if self.training and self.jitter_noise > 0:  # Mixtral's multiplicative router/expert input noise
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        mask = self.routing.token_mask
+        if mask is not None and mask.numel() != x.shape[0]:
+            mask = None  # e.g. cached generation steps: every token is real
+
+        weight = self.router if self.router is not None else self.gate.weight
+        route = top_k_router(F.linear(x, weight.to(_compute_dtype(x))), k, self.renormalize, mask)
+        if self.training:
+            self.aux_loss = route.aux_loss
+        if self.routing.collect:
+            self._count(route.indices, mask)
+        gates = route.gates.gather(-1, route.indices) * self.rescale[k - 1]  # (N, k) float32, s_k folded in
+        out = self._experts(x, route.indices, gates)  # (N, H)
+
+        if self.shared_expert is not None:  # Qwen2-MoE: an always-on expert behind a sigmoid gate
+            shared = self.shared_expert(hidden_states.reshape(-1, self.hidden))
+            out = out + torch.sigmoid(self.shared_expert_gate(hidden_states.reshape(-1, self.hidden))) * shared
+        return out.view(*lead, self.hidden)
+
+    def _experts(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """sum_slots gate * FFN_expert(x) computing only the selected (token, expert) rows.
+
+        x: (N, H); indices, gates: (N, k). Returns (N, H) in x's dtype.
+        """
+        n, k = indices.shape
+        flat = indices.reshape(-1)  # (N*k,)
+        order = flat.argsort(stable=True)  # (M,) routed rows grouped by expert, M = N*k
+        token = order.div(k, rounding_mode="floor")  # (M,) token of each row
+        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (E,)
+        dt = _compute_dtype(x)
+        xs = x[token].to(dt)  # (M, H)
+
+        gu = grouped_linear(xs, self.experts.gate_up_proj, offs)  # (M, 2I)
+        gu = gu + self._lora(xs, self.lora_gate_up_A, self.lora_gate_up_B, offs)
+        g, u = gu.chunk(2, dim=-1)
+        h = self.experts.act_fn(g) * u  # (M, I)
+        ys = grouped_linear(h, self.experts.down_proj, offs)  # (M, H)
+        ys = ys + self._lora(h, self.lora_down_A, self.lora_down_B, offs)
+
+        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        return x.new_zeros(n, self.hidden).index_add(0, token, ys.to(x.dtype))
+
+    def _lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """(alpha/r) B_e A_e x per row block. x: (M, d_in); a: (E, r, d_in); b: (E, d_out, r)."""
+        pad = -self.rank % (16 // x.element_size())  # zero rank padding keeps grouped-matmul rows 16-byte aligned
+        if pad:
+            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+        z = grouped_linear(self.dropout(x), a, offs)  # (M, r + pad)
+        return grouped_linear(z, b, offs) * self.scaling  # (M, d_out)
+
+    @torch.no_grad()
+    def _count(self, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if mask is not None:
+            indices = indices[mask]
+        self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(torch.float64)
+        self.tokens_seen += indices.shape[0]
+
+    def reset_counts(self) -> None:
+        self.expert_counts.zero_()
+        self.tokens_seen.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden}, "
+            f"intermediate={self.intermediate}, rank={self.rank}, renormalize={self.renormalize}, "
+            f"rescale={self.rescale_mode}, train_router={self.router is not None}, "
+            f"shared_expert={self.shared_expert is not None}"
+        )
+
+
+def is_moe_model(model: nn.Module) -> bool:
+    """True for a sparse MoE causal LM (a supported family, or any config with experts per token)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in FAMILIES or bool(getattr(config, "num_experts_per_tok", 0))
+
+
+def _family(model: nn.Module) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"LoRA on MoE experts does not support model type {model_type!r} ({type(model).__name__}); "
+            f"supported: {', '.join(FAMILIES)}"
+        )
+    return model_type
+
+
+def _renormalizes(family: str, config) -> bool:
+    """Whether the family renormalises its kept top-k gates (read as the family's router does)."""
+    return True if family == "mixtral" else bool(config.norm_topk_prob)
+
+
+def find_moe_blocks(model: nn.Module) -> list[str]:
+    """Full names of the sparse MoE blocks of a supported model (dense MLP layers are skipped)."""
+    family = _family(model)
+    module_name, class_name = FAMILIES[family]
+    block_cls = getattr(importlib.import_module(module_name), class_name)
+    names = [n for n, m in model.named_modules() if isinstance(m, block_cls)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} ({family}) has no {class_name} to adapt (already adapted?)")
+    return names
+
+
+def inject_moe_lora(
+    model: nn.Module, cfg: MoLEConfig, k_max: int | None = None, *, train_router: bool | None = None
+) -> MoLEAdapter:
+    """Wrap every sparse MoE block of `model` with per-expert LoRA (in place) and freeze the base.
+
+    Uses cfg.rank, alpha, dropout, rescale, init_seed. The experts, their gate
+    normalisation and any shared expert come from the model, so cfg.num_experts,
+    targets, router, renormalize and shared_expert do not apply. `k_max` (the
+    largest tier) must not exceed the model's top-k; `train_router` defaults to
+    `cfg.train_router` where the config has that field, else False.
+    """
+    family = _family(model)
+    if cfg.rescale not in RESCALE_MODES:
+        raise ValueError(f"adapter.rescale={cfg.rescale!r}; allowed: {', '.join(RESCALE_MODES)}")
+    top_k = int(model.config.num_experts_per_tok)
+    if k_max is not None and not 1 <= k_max <= top_k:
+        raise ValueError(
+            f"largest tier k={k_max} does not fit this {family} model, which routes each token to "
+            f"{top_k} experts; tiers must be in 1..{top_k}"
+        )
+    if train_router is None:
+        train_router = bool(getattr(cfg, "train_router", False))
+    renormalize = _renormalizes(family, model.config)
+    names = find_moe_blocks(model)
+    model.requires_grad_(False)
+    routing = Routing(k=k_max or top_k)
+    gen = torch.Generator().manual_seed(cfg.init_seed)
+    layers: dict[str, MoELoRABlock] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        block = MoELoRABlock(
+            getattr(parent, child),
+            routing,
+            top_k=top_k,
+            renormalize=renormalize,
+            rank=cfg.rank,
+            alpha=cfg.alpha,
+            dropout=cfg.dropout,
+            rescale=cfg.rescale,
+            train_router=train_router,
+            generator=gen,
+        )
+        setattr(parent, child, block)
+        layers[name] = block
+    return MoLEAdapter(model, layers, routing, cfg)
