@@ -10,6 +10,7 @@ from torch import nn
 from fedmole.adapters.amole import (
     AMoLEConfig,
     AMoLELinear,
+    EmbeddingSums,
     held_experts,
     held_view,
     inject_amole,
@@ -133,8 +134,6 @@ def test_embedding_pass_means_over_real_tokens():
     layer = make_layer(k=2, held=(0, 3))
     x = torch.randn(10, 12, dtype=torch.float64)
     mask = torch.tensor([True] * 6 + [False] * 4)
-    from fedmole.adapters.amole import EmbeddingSums
-
     layer.embedding = EmbeddingSums(torch.zeros(4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64))
     layer.routing.token_mask = mask
     with torch.no_grad():

@@ -213,6 +213,16 @@ def test_bf16_autocast_runs_close_to_fp32():
             out = model(ids).logits
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max() + 0.05
+    model.train()  # a copy cached under inference mode (generation) must serve a training step
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    with adapter.route(2), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids).loss.backward()
+    block = next(iter(adapter.layers.values()))  # the cached bf16 copy follows in-place base updates
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block.experts.down_proj.mul_(2.0)
+        assert torch.equal(block._base_weight("down_proj", torch.bfloat16),
+                           block.experts.down_proj.to(torch.bfloat16))
 
 
 def test_rescaler_init_state_keys_and_round_trip():

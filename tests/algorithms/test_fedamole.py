@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedmole.adapters.amole import AMoLEConfig, held_experts, inject_amole
 from fedmole.algorithms.base import ClientRuntime
@@ -21,7 +22,6 @@ from fedmole.data.types import ClientData
 from fedmole.messages import Reply
 from fedmole.models import tiny_llama
 from fedmole.training import LocalTrainer
-from safetensors.torch import load_file
 
 M = "layers.0.q_proj"
 

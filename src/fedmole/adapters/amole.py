@@ -28,10 +28,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmole.adapters.inject import MoLEAdapter, State, find_targets
-from fedmole.adapters.mole import Routing, linear_dims, top_k_router
+from fedmole.adapters.mole import Routing, compute_dtype, linear_dims, top_k_router
 
 EXPERT_TENSORS = ("lora_A", "lora_B")  # stacked over the pool: dim 0 indexes experts
 
@@ -128,10 +129,9 @@ class AMoLELinear(nn.Module):
         self.held = idx.sort().values.to(self.lora_A.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         lead = x.shape[:-1]
-        xf = x.reshape(-1, self.d_in)  # (T, d_in)
-        n_tok, r = xf.shape[0], self.rank
+        xc = x.reshape(-1, self.d_in).to(compute_dtype(x))  # (T, d_in), cast once for every matmul
+        n_tok, r = xc.shape[0], self.rank
         n_held = self.held.numel()
         k = min(self.routing.k, n_held)
         if k < 1:
@@ -139,11 +139,12 @@ class AMoLELinear(nn.Module):
         mask = self.routing.token_mask
         if mask is not None and mask.numel() != n_tok:
             mask = None  # e.g. cached generation steps: every token is real
+        out = self.base_layer(xc)
 
-        a_held = self.lora_A.index_select(0, self.held).reshape(n_held * r, self.d_in).to(xf.dtype)  # (S*r, d_in)
-        b_held = self.lora_B.index_select(0, self.held).permute(0, 2, 1).reshape(n_held * r, self.d_out)  # (S*r, d_out)
-        keys = (xf @ a_held.t()).view(n_tok, n_held, r)  # (T, S, r): A_j x
-        query = xf @ self.token_proj.t().to(xf.dtype)  # (T, r): W_t x
+        a_held = self.lora_A.index_select(0, self.held).reshape(n_held * r, self.d_in).to(xc.dtype)  # (S*r, d_in)
+        b_held = self.lora_B.index_select(0, self.held).permute(1, 0, 2).reshape(self.d_out, n_held * r)
+        keys = F.linear(xc, a_held).view(n_tok, n_held, r)  # (T, S, r): A_j x
+        query = F.linear(xc, self.token_proj.to(xc.dtype))  # (T, r): W_t x
         scores = torch.einsum("tsr,tr->ts", keys, query) / math.sqrt(r)  # (T, S)
         route = top_k_router(scores, k, renormalize=True, token_mask=mask)
         if self.training:
@@ -152,16 +153,17 @@ class AMoLELinear(nn.Module):
             self._count(route.indices, mask)
         if self.embedding is not None:
             self._accumulate(keys, query, mask)
+        gates = route.gates * self.scaling  # (T, S): alpha/r folded into the gates
 
-        xd = self.dropout(xf)
+        xd = self.dropout(xc)
         dropping = self.training and isinstance(self.dropout, nn.Dropout)
-        hidden = (xd @ a_held.t()).view(n_tok, n_held, r) if dropping else keys  # (T, S, r)
-        hidden = hidden * route.gates.unsqueeze(-1).to(hidden.dtype)  # (T, S, r)
-        delta = hidden.reshape(n_tok, n_held * r) @ b_held.to(hidden.dtype)  # (T, d_out)
+        hidden = F.linear(xd, a_held).view(n_tok, n_held, r) if dropping else keys  # (T, S, r)
+        hidden = (hidden * gates.unsqueeze(-1).to(hidden.dtype)).view(n_tok, n_held * r)
+        out = out + F.linear(hidden, b_held.to(hidden.dtype))  # (T, d_out)
         if self.shared_A is not None:
-            delta = delta + (xd @ self.shared_A.t().to(xd.dtype)) @ self.shared_B.t().to(xd.dtype)
-        delta = delta * self.scaling
-        return out + delta.view(*lead, self.d_out).to(out.dtype)
+            shared = F.linear(F.linear(xd, self.shared_A.to(xd.dtype)), self.shared_B.to(xd.dtype))
+            out = out + shared * self.scaling
+        return out.view(*lead, self.d_out)
 
     @torch.no_grad()
     def _count(self, local: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -200,7 +202,7 @@ def reference_forward(layer: AMoLELinear, x: torch.Tensor) -> torch.Tensor:
     for t in range(xf.shape[0]):
         q = layer.token_proj @ xf[t]  # (r,)
         scores = torch.stack([(layer.lora_A[j] @ xf[t]) @ q / math.sqrt(layer.rank) for j in held])
-        probs = torch.softmax(scores.float(), dim=0)
+        probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=0)
         vals, idx = probs.topk(k)
         vals = vals / vals.sum()
         y = torch.zeros(layer.d_out, dtype=xf.dtype)

@@ -150,6 +150,7 @@ class MoELoRABlock(nn.Module):
         self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.float64), persistent=False)
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self._cast_cache: dict[tuple[str, torch.dtype], tuple[tuple, torch.Tensor]] = {}
 
     def adapter_names(self) -> list[str]:
         """Names of this block's trainable adapter tensors (the saved state)."""
@@ -199,15 +200,33 @@ class MoELoRABlock(nn.Module):
         dt = _compute_dtype(x)
         xs = x[token].to(dt)  # (M, H)
 
-        gu = grouped_linear(xs, self.experts.gate_up_proj, offs)  # (M, 2I)
+        gu = grouped_linear(xs, self._base_weight("gate_up_proj", dt), offs)  # (M, 2I)
         gu = gu + self._lora(xs, self.lora_gate_up_A, self.lora_gate_up_B, offs)
         g, u = gu.chunk(2, dim=-1)
         h = self.experts.act_fn(g) * u  # (M, I)
-        ys = grouped_linear(h, self.experts.down_proj, offs)  # (M, H)
+        ys = grouped_linear(h, self._base_weight("down_proj", dt), offs)  # (M, H)
         ys = ys + self._lora(h, self.lora_down_A, self.lora_down_B, offs)
 
         ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
         return x.new_zeros(n, self.hidden).index_add(0, token, ys.to(x.dtype))
+
+    def _base_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """A frozen expert weight in the compute dtype, cast once and reused while unchanged.
+
+        Under autocast every call would otherwise re-cast all E experts (autocast
+        caches only weights that require grad), a cost that does not shrink with
+        k; the price is one copy of the expert weights in the autocast dtype.
+        """
+        w = getattr(self.experts, name)
+        if w.dtype == dtype or w.requires_grad:
+            return w
+        stamp = (w.data_ptr(), w._version)
+        hit = self._cast_cache.get((name, dtype))
+        if hit is None or hit[0] != stamp:
+            with torch.inference_mode(False):  # a copy made while generating must still serve training
+                hit = (stamp, w.detach().to(dtype))
+            self._cast_cache[(name, dtype)] = hit
+        return hit[1]
 
     def _lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """(alpha/r) B_e A_e x per row block. x: (M, d_in); a: (E, r, d_in); b: (E, d_out, r)."""

@@ -29,7 +29,6 @@ its current assignment.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -311,5 +310,7 @@ class FedAMoLE(Method):
         """Personalised: the client's own model after its latest local training; before any,
         the global experts of its current assignment."""
         personal = rt.store.get("personal")
-        rt.adapter.load_held_state(personal if personal is not None else held_view(global_state, self.held_by(rt.client_id)))
+        if personal is None:
+            personal = held_view(global_state, self.held_by(rt.client_id))
+        rt.adapter.load_held_state(personal)
         return self.options.top_k
