@@ -12,6 +12,9 @@ ratios to the full top-k, next to the analytic FLOPs ratio of the same step.
 
 precision: autocast = fp32 weights under bf16 autocast (what `fedmole run` does on a
 bf16 CPU); fp32; bf16 = base stored in bf16, fp32 adapter master weights.
+threads: one by default, since on a shared machine a second OpenMP thread that is
+descheduled stalls every one of the many small per-expert matmuls (10x slower steps
+were seen on a busy 2-core box); --threads 0 uses torch's default.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", choices=("autocast", "fp32", "bf16"), default="autocast")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

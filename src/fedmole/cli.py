@@ -1,6 +1,7 @@
 """The `fedmole` command.
 
     fedmole run [CONFIG] [--set key=value ...] [--out DIR]
+    fedmole resume RUN_DIR     continue an interrupted run from its last good checkpoint
     fedmole prepare            fetch and convert the embedded model and data once
     fedmole config             list every option with its default and meaning
     fedmole methods            list the federated methods
@@ -22,12 +23,23 @@ def _run(args: argparse.Namespace) -> int:
     from fedmole.reporting.rundir import new_run_dir
 
     run_dir = Path(args.out) if args.out else new_run_dir(cfg.run.out_dir, cfg.run.method)
-    if cfg.run.engine == "local":
-        from fedmole.engine.local import run_local
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} already holds a finished run; choose another --out")
+    return _execute(cfg, run_dir, resume=False)
 
-        summary = run_local(cfg, run_dir)
-    else:  # config validation lists the engines
-        raise ConfigError(f"run.engine = {cfg.run.engine!r} is not available")
+
+def _resume(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    cfg = load_config(run_dir / "config.toml")
+    return _execute(cfg, run_dir, resume=True)
+
+
+def _execute(cfg, run_dir: Path, resume: bool) -> int:
+    from fedmole.engine.local import LocalEngine
+
+    summary = LocalEngine(cfg, run_dir).run(resume=resume)
     m, b = summary["metrics"], summary["baseline_metrics"]
     print(f"run directory: {run_dir}")
     print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
@@ -72,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     run.add_argument("--out", help="run directory (default: RUN.OUT_DIR/METHOD-TIMESTAMP)")
     run.set_defaults(func=_run)
+
+    res = sub.add_parser("resume", help="continue an interrupted run from its last good checkpoint")
+    res.add_argument("run_dir")
+    res.set_defaults(func=_resume)
 
     sub.add_parser("prepare", help="prepare the embedded model and dataset").set_defaults(func=_prepare)
 

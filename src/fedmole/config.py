@@ -107,6 +107,10 @@ class FedSection:
                                         factory=list)
     sample_fraction: float = opt(1.0, "fraction of clients trained each round", range=(1e-6, 1.0))
     min_clients: int = opt(1, "fewest accepted replies for a round to count", range=(1, None))
+    round_retries: int = opt(0, "times a round is redrawn when fewer than min_clients replies are accepted",
+                             range=(0, None))
+    client_timeout: float = opt(0.0, "seconds after which a client's reply is dropped as too late (0 = none)",
+                                range=(0.0, None))
 
 
 @dataclass

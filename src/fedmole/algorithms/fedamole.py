@@ -1,7 +1,7 @@
 """FedAMoLE: federated fine-tuning with heterogeneous, data-driven mixtures of LoRA experts.
 
-Zhang, Liu, Gong et al. "Personalized Federated Fine-Tuning for LLMs via
-Data-Driven Heterogeneous Model Architectures", arXiv:2411.19128, 2024.
+"Personalized Federated Fine-Tuning for LLMs via Data-Driven Heterogeneous
+Model Architectures", arXiv:2411.19128, 2024.
 
 Each module has a server pool of N domain experts, a shared expert and a token
 projection W_t (adapters/amole.py). Every round:
@@ -149,8 +149,8 @@ def aggregate_expert_embeddings(extras: Sequence[Mapping[str, torch.Tensor]],
 
 
 class FedAMoLE(Method):
-    """FedAMoLE (Zhang et al., 2024, arXiv:2411.19128): per-client subsets of a pooled
-    set of LoRA experts, key-based routing, RSEA expert-to-client assignment."""
+    """FedAMoLE (arXiv:2411.19128, 2024): per-client subsets of a pool of LoRA experts,
+    key-based routing, RSEA expert-to-client assignment, personalised evaluation."""
 
     name = "fedamole"
     Options = FedAMoLEOptions

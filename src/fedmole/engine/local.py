@@ -49,34 +49,41 @@ class LocalEngine:
         self.progress = cfg.run.progress
 
     # -- the round loop --------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, resume: bool = False) -> dict:
+        """Run every round (or, with `resume`, continue after the last good checkpoint)."""
         cfg, out = self.cfg, self.out
         started = time.perf_counter()
-        out.write_config(cfg.to_dict())
-        global_state = self.method.initial_state(self.setup.adapter)
-
-        before = self.evaluate(global_state, rnd=0)
-        out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
-        comm = {"up": 0, "down": 0}
+        restored = self.restore() if resume else None
+        if restored:
+            first, global_state, before, comm, spent = restored
+        else:
+            out.write_config(cfg.to_dict())
+            global_state = self.method.initial_state(self.setup.adapter)
+            before = self.evaluate(global_state, rnd=0)
+            out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
+            first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
         last_replies: list[Reply] = []
-        evaluation = before
+        evaluation = None
 
-        for rnd in range(1, cfg.run.rounds + 1):
+        for rnd in range(first, cfg.run.rounds + 1):
             t0 = time.perf_counter()
-            selected = self.select(rnd)                                          # select
-            instructions = self.method.configure(rnd, selected, global_state)    # configure
-            replies, failures = self.train_clients(rnd, instructions)            # train
-            accepted, rejected = self.validate(replies, instructions)            # validate
-            rejected.update(failures)
-            if len(accepted) < cfg.fed.min_clients:
+            for attempt in range(cfg.fed.round_retries + 1):
+                selected = self.select(rnd, attempt)                                 # select
+                instructions = self.method.configure(rnd, selected, global_state)    # configure
+                replies, failures = self.train_clients(rnd, instructions)            # train
+                accepted, rejected = self.validate(replies, instructions)            # validate
+                rejected.update(failures)
+                if len(accepted) >= cfg.fed.min_clients:
+                    break
+                log.warning("round %d attempt %d: %d acceptable replies < fed.min_clients = %d",
+                            rnd, attempt + 1, len(accepted), cfg.fed.min_clients)
+            else:
                 raise RoundFailed(
-                    f"round {rnd}: {len(accepted)} acceptable replies, fed.min_clients = {cfg.fed.min_clients}; "
-                    f"rejected: {rejected}"
+                    f"round {rnd}: {len(accepted)} acceptable replies, fed.min_clients = {cfg.fed.min_clients}, "
+                    f"after {cfg.fed.round_retries + 1} attempt(s); rejected: {rejected}"
                 )
             global_state = self.method.aggregate(rnd, accepted, global_state)   # aggregate
             evaluation = self.evaluate(global_state, rnd) if self.eval_due(rnd) else None  # evaluate
-            out.checkpoint(rnd, global_state, self.method.state_dict(),        # checkpoint
-                           {"seed": cfg.run.seed, "method": cfg.run.method})
 
             down = sum(state_nbytes(i.state) for i in instructions)
             up = sum(reply_nbytes(r) for r in accepted)
@@ -92,6 +99,7 @@ class LocalEngine:
                 "comm_bytes_down": down,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
+            self.checkpoint(rnd, global_state, before, comm, spent + time.perf_counter() - started)  # checkpoint
             out.log_round(row)
             log.info("round %d: loss %.4f%s", rnd, row["train_loss"],
                      f", rouge_l {row['rouge_l']:.2f}" if "rouge_l" in row else "")
@@ -110,7 +118,7 @@ class LocalEngine:
             "per_client": final["per_client"],
             "per_tier": final["per_tier"],
             "comm_bytes": comm,
-            "wall_seconds": round(time.perf_counter() - started, 2),
+            "wall_seconds": round(spent + time.perf_counter() - started, 2),
             "final_state_sha256": state_sha256(global_state),
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
@@ -121,13 +129,44 @@ class LocalEngine:
         write_report(out.path)
         return summary
 
+    # -- checkpoints -------------------------------------------------------------
+    def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
+        clients = {
+            rt.client_id: {"store": rt.store, "batches": rt.batches.state_dict()} for rt in self.setup.runtimes
+        }
+        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "before": before,
+                "comm": comm, "seconds": seconds}
+        self.out.checkpoint(rnd, global_state, self.method.state_dict(), clients, meta)
+
+    def restore(self) -> tuple[int, State, dict, dict, float] | None:
+        """Load the newest good checkpoint into the method and clients; None if there is none."""
+        ckpt = self.out.load_checkpoint()
+        if ckpt is None:
+            log.warning("no usable checkpoint in %s; starting from round 1", self.out.path)
+            return None
+        meta = ckpt["meta"]
+        if meta.get("method") != self.cfg.run.method or meta.get("seed") != self.cfg.run.seed:
+            raise RuntimeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
+                               f"seed {meta.get('seed')}, not this run's config")
+        self.setup.adapter.load_state_dict(ckpt["global_state"])  # also checks keys and shapes
+        self.method.load_state_dict(ckpt["server"])
+        for rt in self.setup.runtimes:
+            saved = ckpt["clients"][rt.client_id]
+            rt.store.clear()
+            rt.store.update(saved["store"])
+            rt.batches.load_state_dict(saved["batches"])
+        rnd = int(meta["round"])
+        self.out.truncate_metrics(rnd)
+        log.info("resuming %s after round %d (%s)", self.out.path, rnd, ckpt["path"].name)
+        return rnd + 1, ckpt["global_state"], meta["before"], dict(meta["comm"]), float(meta["seconds"])
+
     # -- steps -----------------------------------------------------------------
-    def select(self, rnd: int) -> list[int]:
+    def select(self, rnd: int, attempt: int = 0) -> list[int]:
         n = len(self.setup.runtimes)
         m = min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
         if m == n:
             return list(range(n))
-        rng = np.random.default_rng([self.cfg.run.seed, rnd])
+        rng = np.random.default_rng([self.cfg.run.seed, rnd, attempt])
         return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
 
     def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
@@ -144,7 +183,13 @@ class LocalEngine:
                 log.warning("round %d: client %d failed: %r", rnd, rt.client_id, e)
                 failures[rt.client_id] = f"exception: {e!r}"
                 continue
-            reply.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
+            seconds = time.perf_counter() - t0
+            limit = self.cfg.fed.client_timeout
+            if limit and seconds > limit:  # a straggler past the deadline: its reply arrives too late
+                log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, rt.client_id, seconds)
+                failures[rt.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
+                continue
+            reply.metrics.setdefault("seconds", round(seconds, 3))
             bar.set_postfix(loss=f"{reply.train_loss:.3f}")
             replies.append(reply)
         return replies, failures

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -18,9 +20,11 @@ from pathlib import Path
 
 import tomli_w
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fedmole.messages import State
+
+log = logging.getLogger("fedmole")
 
 
 def new_run_dir(parent: str | Path, method: str) -> Path:
@@ -74,8 +78,13 @@ class RunDir:
         os.replace(tmp, target)
         return target
 
-    def checkpoint(self, rnd: int, global_state: State, server_state: dict, meta: dict) -> Path:
-        """Write checkpoints/round_NNNN atomically (temp folder + rename) and prune old ones."""
+    def checkpoint(self, rnd: int, global_state: State, server_state: dict, clients_state: dict, meta: dict) -> Path:
+        """Write checkpoints/round_NNNN atomically and prune old ones.
+
+        Files go to a temporary folder, `meta.json` (with the SHA-256 of every
+        other file) is written last, and the folder is renamed into place, so a
+        checkpoint either exists whole or not at all.
+        """
         root = self.path / "checkpoints"
         root.mkdir(exist_ok=True)
         final = root / f"round_{rnd:04d}"
@@ -84,10 +93,74 @@ class RunDir:
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / "adapter.safetensors"))
         torch.save(server_state, tmp / "server.pt")
-        (tmp / "meta.json").write_text(json.dumps({"round": rnd, **meta}, indent=2))
+        torch.save(clients_state, tmp / "clients.pt")
+        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        (tmp / "meta.json").write_text(json.dumps({"round": rnd, "files": files, **meta}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(p for p in root.iterdir() if p.name.startswith("round_"))
         for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def load_checkpoint(self) -> dict | None:
+        """The newest checkpoint whose files match their checksums, or None.
+
+        A damaged checkpoint (missing file, bad JSON, checksum mismatch,
+        unreadable tensors) is skipped with a warning naming the reason.
+        """
+        root = self.path / "checkpoints"
+        candidates = sorted((p for p in root.glob("round_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+        for ckpt in candidates:
+            try:
+                return _read_checkpoint(ckpt)
+            except CheckpointError as e:
+                log.warning("checkpoint %s is unusable (%s); trying an older one", ckpt.name, e)
+        return None
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop metric rows after `last_round` (rounds that a resume will redo)."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut off by the interruption
+            if row.get("round", 0) <= last_round:
+                keep.append(line)
+        _atomic_write(self.metrics_path, "".join(x + "\n" for x in keep))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or corrupted."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_checkpoint(ckpt: Path) -> dict:
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"meta.json unreadable: {e}") from None
+    for name, digest in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"{name} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{name} does not match its checksum")
+    try:
+        state = load_file(str(ckpt / "adapter.safetensors"))
+        server = torch.load(ckpt / "server.pt", weights_only=True)
+        clients = torch.load(ckpt / "clients.pt", weights_only=True)
+    except Exception as e:  # checksums matched but the content is not what we write
+        raise CheckpointError(f"cannot load: {e}") from None
+    return {"path": ckpt, "meta": meta, "global_state": state, "server": server, "clients": clients}
