@@ -32,7 +32,10 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, range: tuple |
 @dataclass
 class RunSection:
     method: str = opt("flame", "federated algorithm (see `fedmole methods`)")
-    engine: str = opt("local", "what moves the messages", choices=("local",))
+    engine: str = opt("local", "what moves the messages: local (one process) | flower-sim (Flower's Simulation "
+                      "Engine, one virtual node per client)", choices=("local", "flower-sim"))
+    payload_dtype: str = opt("float32", "dtype of adapter tensors on the wire (Flower engines; counts and "
+                             "embeddings stay exact)", choices=("float32", "bfloat16"))
     rounds: int = opt(3, "federated rounds", range=(1, None))
     seed: int = opt(0, "seed of everything (data, sampling, init, dropout)", range=(0, None))
     out_dir: str = opt("runs", "parent folder of run directories")
@@ -46,7 +49,8 @@ class RunSection:
 @dataclass
 class ModelSection:
     name: str = opt("smollm2-135m-instruct",
-                    "base model: smollm2-135m-instruct (embedded), tiny-llama, a local HF dir or a hub name")
+                    "base model: smollm2-135m-instruct (embedded), tiny-llama, tiny-olmoe (and tiny-qwen2-moe, "
+                    "tiny-qwen3-moe, tiny-mixtral), a local HF dir or a hub name")
 
 
 @dataclass
@@ -84,6 +88,7 @@ class AdapterSection:
     rescale: str = opt("learned", "tier rescaler", choices=("learned", "fixed", "off"))
     shared_expert: bool = opt(False, "add an always-on shared expert")
     aux_loss_weight: float = opt(1e-3, "load-balancing loss weight", range=(0.0, None))
+    train_router: bool = opt(False, "MoE base: train a copy of the base router (else it stays frozen)")
 
     def mole(self, seed: int) -> MoLEConfig:
         return MoLEConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, init_seed=seed)
@@ -284,6 +289,9 @@ def validate(cfg: Config) -> None:
         )
     if cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens > 4096:
         raise ConfigError("eval.max_prompt_tokens + eval.max_new_tokens must stay within 4096")
+    check = getattr(cfg.method_options(), "check", None)  # the method's own cross-field rules
+    if check is not None:
+        check(cfg)
 
 
 def assign_tiers(cfg: Config) -> list[int]:

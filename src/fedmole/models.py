@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-TINY_MODELS = ("tiny-llama",)
 
 _TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -71,12 +70,18 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
 def load_base(spec: str, seed: int = 0) -> tuple[torch.nn.Module, PreTrainedTokenizerFast]:
     """Load a frozen base model and its tokenizer.
 
-    `spec` is "tiny-llama", the embedded "smollm2-135m-instruct", a local
+    `spec` is "tiny-llama" or a tiny MoE ("tiny-olmoe", "tiny-qwen2-moe",
+    "tiny-qwen3-moe", "tiny-mixtral"), the embedded "smollm2-135m-instruct", a local
     Hugging Face model directory, or a hub name.
     """
+    from fedmole.adapters.moe_models import TINY_MOE_MODELS, tiny_moe
+
     if spec == "tiny-llama":
         tokenizer = tiny_tokenizer()
         model = tiny_llama(len(tokenizer), seed=seed)
+    elif spec in TINY_MOE_MODELS:
+        tokenizer = tiny_tokenizer()
+        model = tiny_moe(TINY_MOE_MODELS[spec], len(tokenizer), seed=seed)
     else:
         from fedmole.assets import resolve_model
 

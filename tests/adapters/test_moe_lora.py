@@ -19,6 +19,16 @@ RENORMALIZES = {"olmoe": False, "qwen2_moe": False, "qwen3_moe": True, "mixtral"
 VOCAB, TOP_K, E = 64, 4, 8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Toy grouped matmuls gain nothing from threads, and on a busy machine a descheduled
+    OpenMP thread stalls every one of them (seen: 5x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(family, rescale="learned", train_router=False, dropout=0.0):
     model = tiny_moe(family, VOCAB, seed=1, hidden=32, layers=2, num_experts=E, top_k=TOP_K, intermediate=16)
     model.eval()

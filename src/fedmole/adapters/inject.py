@@ -38,6 +38,7 @@ class MoLEConfig:
     rescale: str = "learned"  # output rescaler: learned | fixed (k_max/k) | off
     shared_expert: bool = False  # add an always-on expert outside the mixture
     aux_loss_weight: float = 1e-3  # weight of the Switch load-balancing loss
+    train_router: bool = False  # MoE base: train a copy of the base router (else it stays frozen)
     init_seed: int = 0  # seed of the adapter's initial weights
 
 
@@ -65,7 +66,7 @@ def find_targets(model: nn.Module, targets: list[str]) -> list[str]:
 class MoLEAdapter:
     """Handle over the MoLE layers injected into one model."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, MoLELinear], routing: Routing, cfg: MoLEConfig):
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], routing: Routing, cfg: MoLEConfig):
         self.model = model
         self.layers = layers
         self.routing = routing

@@ -166,7 +166,8 @@ class MoELoRABlock(nn.Module):
         if not 1 <= k <= self.top_k:
             raise ValueError(f"active experts k={k}; allowed: 1..{self.top_k} (the base model's top-k)")
         lead = hidden_states.shape[:-1]
-        x = hidden_states.reshape(-1, self.hidden)  # (N, H)
+        flat = hidden_states.reshape(-1, self.hidden)  # (N, H)
+        x = flat
         if self.training and self.jitter_noise > 0:  # Mixtral's multiplicative router/expert input noise
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         mask = self.routing.token_mask
@@ -183,8 +184,7 @@ class MoELoRABlock(nn.Module):
         out = self._experts(x, route.indices, gates)  # (N, H)
 
         if self.shared_expert is not None:  # Qwen2-MoE: an always-on expert behind a sigmoid gate
-            shared = self.shared_expert(hidden_states.reshape(-1, self.hidden))
-            out = out + torch.sigmoid(self.shared_expert_gate(hidden_states.reshape(-1, self.hidden))) * shared
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view(*lead, self.hidden)
 
     def _experts(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:

@@ -40,10 +40,16 @@ class Method:
     Options: ClassVar[type]
 
     @classmethod
-    def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int]) -> MoLEAdapter:
-        """Inject this method's adapter into the frozen base model (default: MoLE, spec 1.1)."""
+    def build_adapter(
+        cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int], options=None
+    ) -> MoLEAdapter:
+        """Inject this method's adapter into the frozen base model: LoRA on the base
+        model's own experts for an MoE base (spec 1.2), else MoLE (spec 1.1)."""
         from fedmole.adapters.inject import inject_mole
+        from fedmole.adapters.moe_lora import inject_moe_lora, is_moe_model
 
+        if is_moe_model(model):
+            return inject_moe_lora(model, adapter_cfg.mole(seed), k_max=max(tiers))
         return inject_mole(model, adapter_cfg.mole(seed), k_max=max(tiers))
 
     def __init__(self, options, adapter: MoLEAdapter, tiers: list[int], seed: int):

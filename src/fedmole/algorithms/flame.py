@@ -27,9 +27,6 @@ from fedmole.algorithms.aggregate import State, per_row_average, weighted_averag
 from fedmole.algorithms.base import Method
 from fedmole.messages import Reply
 
-EXPERT_TENSORS = ("lora_A", "lora_B")  # dim 0 indexes experts
-
-
 @dataclass
 class FlameOptions:
     """Options of the FLAME aggregation (`[flame]` table)."""
@@ -58,7 +55,7 @@ def aggregate_flame(replies: Sequence[Reply], previous: State, t: float) -> Stat
     for key, prev in previous.items():
         module, name = split_key(key)
         values = [r.state[key] for r in replies]
-        if name in EXPERT_TENSORS:
+        if name.startswith("lora_"):  # stacked per-expert tensors: dim 0 indexes experts
             if module not in gammas:
                 gammas[module] = activation_weights(
                     [r.expert_counts[module] for r in replies], [r.tokens[module] for r in replies], sizes, t

@@ -107,7 +107,9 @@ class Setup:
         self.tiers = assign_tiers(cfg)
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
         method_cls = METHODS[cfg.run.method]
-        self.adapter: MoLEAdapter = method_cls.build_adapter(self.model, cfg.adapter, cfg.run.seed, self.tiers)
+        self.adapter: MoLEAdapter = method_cls.build_adapter(
+            self.model, cfg.adapter, cfg.run.seed, self.tiers, cfg.method_options()
+        )
         self.model.to(self.device)
         self.clients = build_client_data(cfg)
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
@@ -117,6 +119,9 @@ class Setup:
             device=self.device, autocast_dtype=self.autocast,
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
+        attach = getattr(self.method, "attach_clients", None)
+        if attach is not None:  # a method that needs every client's data at once (the centralised reference)
+            attach(self.runtimes)
 
     def _runtime(self, client: ClientData) -> ClientRuntime:
         d = self.cfg.data
