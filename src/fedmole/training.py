@@ -6,8 +6,31 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fedmole.adapters.inject import MoLEAdapter
+from fedmole.data.tokenize import IGNORE_INDEX
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over answer tokens, projecting only those positions.
+
+    The vocabulary projection is ~20% of a small LM's FLOPs and the answer is a
+    few tokens of a long prompt, so the head runs on the (n_answer, H) rows that
+    have a label instead of all (B, T, H). Models whose head does more than a
+    linear map (soft-capping, logit scaling) take the model's own loss.
+    """
+    cfg = model.config
+    head = model.get_output_embeddings()
+    if head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return model(**batch, use_cache=False).loss
+    hidden = model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = labels != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep])  # (n_answer, V)
+    return F.cross_entropy(logits.float(), labels[keep])
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -47,14 +70,14 @@ class LocalTrainer:
                 batch = {name: t.to(self.device) for name, t in batches.next().items()}
                 with adapter.route(k, token_mask=batch["attention_mask"], collect=True):
                     with autocast_context(self.device, self.autocast_dtype):
-                        out = model(**batch)
-                    loss = out.loss.float() + self.aux_weight * adapter.aux_loss().float()
+                        lm_loss = answer_loss(model, batch)
+                    loss = lm_loss.float() + self.aux_weight * adapter.aux_loss().float()
                 loss.backward()
                 if self.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                total += float(out.loss.detach())
+                total += float(lm_loss.detach())
         finally:
             model.eval()
         store["optimizer"] = optimizer.state_dict()
