@@ -1,0 +1,152 @@
+"""FLoRA: stack the clients' LoRA modules, merge the exact weighted sum into the base, restart.
+
+Wang, Shen, Zheng, Chen, Gu, Lin, Zhang, Yuan. "FLoRA: Federated Fine-Tuning
+Large Language Models with Heterogeneous Low-Rank Adaptations", NeurIPS 2024
+(arXiv:2409.05976).
+
+Server, per module: A_s = [A_1; ...; A_n] (R x d_in), B_s = [p_1 (alpha/r_1) B_1,
+..., p_n (alpha/r_n) B_n] (d_out x R), p_i = |D_i| / sum |D|, so
+B_s A_s = sum_i p_i (alpha/r_i) B_i A_i exactly, for any mix of ranks. The
+product is merged into the frozen base weights and every client starts the
+next round from a fresh LoRA (new random A, B = 0).
+
+Server state (checkpointed): the accumulated merged dW per module, the last
+round's stack and which merge version each client's base is known to hold.
+A client one merge behind gets the stack (`<m>.stack_A`, `<m>.stack_B`);
+one further behind (it missed rounds, or its reply was rejected) gets the
+whole merged dW (`<m>.merged`), which it installs instead. A client keeps
+its merged base delta in its store (one dense d_out x d_in tensor per module:
+what a real client's merged weights would hold), and evaluation uses the
+server's merged base with the fresh LoRA (B = 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedmole.adapters.inject import split_key
+from fedmole.adapters.lora import LoRAAdapter, init_lora_A
+from fedmole.algorithms.aggregate import State
+from fedmole.algorithms.base import ClientRuntime
+from fedmole.algorithms.lora_common import LoRAMethod, stack_lora
+from fedmole.messages import Instruction, Reply
+
+BASE_TENSORS = ("stack_A", "stack_B", "merged")  # base-update keys an instruction may carry
+
+
+@dataclass
+class FLoRAOptions:
+    """Options of FLoRA (`[flora]` table); it has none beyond [adapter] and [fed]."""
+
+
+def fresh_lora(shapes: Mapping[str, tuple[int, ...]], seed: int, rnd: int) -> State:
+    """A new LoRA init for round rnd + 1: A ~ LoRA's uniform init (seeded by seed and round), B = 0."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + rnd)
+    out: State = {}
+    for key in sorted(shapes):  # draw order independent of the dict's order (checkpoints sort keys)
+        shape, name = shapes[key], split_key(key)[1]
+        out[key] = init_lora_A(shape[0], shape[1], gen) if name == "lora_A" else torch.zeros(shape)
+    return out
+
+
+def merge_stacks(merged: Mapping[str, torch.Tensor], stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                 shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """merged[m] + B_s A_s per module (float32), starting from zeros (shape (d_out, d_in)) for new modules."""
+    out = {}
+    for module, (A_s, B_s) in stacks.items():
+        base = merged.get(module)
+        base = torch.zeros(shapes[module], dtype=torch.float64) if base is None else base.to(torch.float64)
+        out[module] = (base + B_s.to(torch.float64) @ A_s.to(torch.float64)).to(torch.float32)
+    return out
+
+
+def apply_base_update(base: dict, version: int, update: State, target: int) -> tuple[dict, int]:
+    """Client side: bring (merged delta per module, version) to `target` with the update sent.
+
+    `update` holds `<m>.merged` (the whole dW: replace), or `<m>.stack_A`/`<m>.stack_B`
+    (one merge: add, valid only from version target - 1), or nothing (already current).
+    """
+    if version == target:
+        return base, version
+    merged = {split_key(k)[0]: v for k, v in update.items() if k.endswith(".merged")}
+    if merged:
+        return {m: v.to(torch.float32).clone() for m, v in merged.items()}, target
+    stacks = {split_key(k)[0] for k in update if k.endswith(".stack_A")}
+    if stacks and version == target - 1:
+        pairs = {m: (update[f"{m}.stack_A"], update[f"{m}.stack_B"]) for m in stacks}
+        shapes = {m: (B.shape[0], A.shape[1]) for m, (A, B) in pairs.items()}
+        return merge_stacks(base, pairs, shapes), target
+    raise RuntimeError(f"FLoRA base out of sync: client holds merge version {version}, server is at {target}, "
+                       f"and the update carries {'one merge' if stacks else 'nothing'}")
+
+
+class FLoRA(LoRAMethod):
+    """FLoRA (Wang et al., NeurIPS 2024, arXiv:2409.05976): stacked heterogeneous LoRA modules,
+    exact weighted sum merged into the base each round, fresh LoRA after."""
+
+    name = "flora"
+    Options = FLoRAOptions
+    fresh_optimizer = True
+
+    def __init__(self, options, adapter: LoRAAdapter, tiers: list[int], seed: int):
+        super().__init__(options, adapter, tiers, seed)
+        self.dims = {m: (self.shapes[f"{m}.lora_B"][0], self.shapes[f"{m}.lora_A"][1])
+                     for m in (split_key(k)[0] for k in self.shapes if k.endswith(".lora_A"))}  # (d_out, d_in)
+        self.merged: dict[str, torch.Tensor] = {}  # module -> accumulated dW (d_out, d_in)
+        self.stack: State = {}  # the last merge: <m>.stack_A (R, d_in), <m>.stack_B (d_out, R)
+        self.version = 0  # merges done
+        self.synced = [0] * len(tiers)  # merge version each client's base is known to hold
+
+    # -- server side ---------------------------------------------------------
+    def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
+        out = []
+        for c in client_ids:
+            state = self.client_view(global_state, c)
+            if self.synced[c] == self.version - 1:
+                state.update(self.stack)
+            elif self.synced[c] < self.version - 1:
+                state.update({f"{m}.merged": d for m, d in self.merged.items()})
+            out.append(Instruction(rnd, c, state, self.tiers[c], config={"base_version": self.version}))
+        return out
+
+    def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
+        if not replies:
+            return {k: v.clone() for k, v in previous.items()}
+        for r in replies:  # an accepted reply was trained on the base this round's instructions named
+            self.synced[r.client_id] = self.version
+        stacks = stack_lora([r.state for r in replies], [r.num_examples for r in replies], self.alpha)
+        self.merged = merge_stacks(self.merged, stacks, self.dims)
+        self.stack = {}
+        for m, (A_s, B_s) in stacks.items():
+            self.stack[f"{m}.stack_A"] = A_s.to(torch.float32)
+            self.stack[f"{m}.stack_B"] = B_s.to(torch.float32)
+        self.version += 1
+        return fresh_lora({k: tuple(v.shape) for k, v in previous.items()}, self.seed, rnd)
+
+    def state_dict(self) -> dict:
+        return {"merged": dict(self.merged), "stack": dict(self.stack), "version": self.version,
+                "synced": list(self.synced)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.merged = dict(state["merged"])
+        self.stack = dict(state["stack"])
+        self.version = int(state["version"])
+        self.synced = [int(v) for v in state["synced"]]
+
+    # -- client side ---------------------------------------------------------
+    def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
+        update = {k: v for k, v in instruction.state.items() if split_key(k)[1] in BASE_TENSORS}
+        base, version = apply_base_update(rt.store.get("merged", {}), rt.store.get("base_version", 0), update,
+                                          instruction.config["base_version"])
+        rt.store["merged"], rt.store["base_version"] = base, version
+        rt.adapter.set_merged(base)
+        lora = {k: v for k, v in instruction.state.items() if k not in update}
+        state, loss = self.train_view(rt, lora, instruction.tier)
+        return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
+
+    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+        rt.adapter.set_merged(self.merged)
+        return super().eval_view(rt, global_state)

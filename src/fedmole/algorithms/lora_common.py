@@ -1,0 +1,116 @@
+"""Plumbing shared by the plain-LoRA methods (FedIT, HetLoRA, FlexLoRA, FLoRA and the references).
+
+The adapter allocates the server rank r_max = adapter.rank * (largest tier);
+a client of tier k runs rank r_k = adapter.rank * k, which activates as many
+adapter parameters per token as k of E rank-r experts (spec 2.3). A client
+receives and returns the rank-r_k view of the adapter (A[:r_k], B[:, :r_k]),
+so both the communication and the reply checks depend on the client's rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from fedmole.adapters.lora import LoRAAdapter, LoRAConfig, inject_lora, lora_pairs, truncate_lora
+from fedmole.algorithms.base import ClientRuntime, Method
+from fedmole.algorithms.validate import check_reply
+from fedmole.messages import Instruction, Reply, State
+
+
+class LoRAMethod(Method):
+    """Base of the LoRA methods: rank-r_k views down and up, default FedAvg-style client step."""
+
+    # FlexLoRA and FLoRA re-factorise (or restart) the adapter every round, so Adam moments from
+    # the previous round describe other coordinates; the others keep them, as FLAME does.
+    fresh_optimizer: ClassVar[bool] = False
+
+    @classmethod
+    def build_adapter(
+        cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int], options=None
+    ) -> LoRAAdapter:
+        """Plain LoRA of rank adapter.rank * max(tiers); tier k runs rank adapter.rank * k."""
+        return inject_lora(model, LoRAConfig(
+            rank=adapter_cfg.rank * max(tiers), rank_per_tier=adapter_cfg.rank, alpha=adapter_cfg.alpha,
+            dropout=adapter_cfg.dropout, targets=list(adapter_cfg.targets), init_seed=seed,
+        ))
+
+    def __init__(self, options, adapter: LoRAAdapter, tiers: list[int], seed: int):
+        # Method.__init__ reads expert counts per layer; a LoRA layer has none, so set the fields here
+        if not isinstance(adapter, LoRAAdapter):
+            raise TypeError(f"{self.name} needs a LoRA adapter ({type(self).__name__}.build_adapter), "
+                            f"got {type(adapter).__name__}")
+        self.options = options
+        self.tiers = tiers
+        self.seed = seed
+        self.shapes = adapter.shapes()  # at the allocated rank r_max
+        self.alpha = adapter.cfg.alpha
+        self.max_rank = adapter.max_rank
+        self.ranks = [adapter.rank_of(t) for t in tiers]  # rank of each client id
+        self.server_rank = self.max_rank  # rank of the global state
+
+    # -- server side ---------------------------------------------------------
+    def initial_state(self, adapter: LoRAAdapter) -> State:
+        return truncate_lora(adapter.state_dict(), self.server_rank)
+
+    def client_view(self, global_state: State, client_id: int) -> State:
+        """The adapter client `client_id` starts from (and is evaluated with)."""
+        return truncate_lora(global_state, self.ranks[client_id])
+
+    def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
+        return [Instruction(rnd, c, self.client_view(global_state, c), self.tiers[c]) for c in client_ids]
+
+    def expected_reply(self, client_id: int) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of the reply of `client_id`: its rank-r view."""
+        r = self.ranks[client_id]
+        return {key: (r, shape[1]) if key.endswith(".lora_A") else (shape[0], r)
+                for key, shape in self.shapes.items()}
+
+    def check(self, reply: Reply, instruction: Instruction) -> str | None:
+        if reply.tier != instruction.tier:
+            return f"tier {reply.tier} differs from the {instruction.tier} it was given"
+        return check_reply(reply, self.expected_reply(instruction.client_id))
+
+    # -- client side ---------------------------------------------------------
+    def train_view(self, rt: ClientRuntime, start: State, tier: int, store: dict | None = None) -> tuple[State, float]:
+        """Load `start`, train at the tier's rank, return (trained rank-r view, mean loss)."""
+        rt.adapter.load_state_dict(start)
+        if store is None:
+            store = {} if self.fresh_optimizer else rt.store
+        loss = rt.trainer.train(rt.adapter, rt.batches, k=tier, store=store)
+        return truncate_lora(rt.adapter.state_dict(), rt.adapter.rank_of(tier)), loss
+
+    def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
+        state, loss = self.train_view(rt, instruction.state, instruction.tier)
+        return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
+
+    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+        rt.adapter.load_state_dict(self.client_view(global_state, rt.client_id))
+        return rt.tier
+
+
+def stack_lora(
+    states: Sequence[State], weights: Sequence[float], alpha: float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module, the stacked factors of sum_i p_i (alpha/r_i) B_i A_i with p_i = w_i / sum(w) (pure).
+
+    Returns module -> (A_s (R, d_in), B_s (d_out, R)) in float64, R = sum_i r_i, with
+    A_s = [A_1; ...; A_n] and B_s = [p_1 (alpha/r_1) B_1, ..., p_n (alpha/r_n) B_n], so that
+    B_s A_s is the weighted sum of the clients' effective updates exactly, whatever their ranks.
+    """
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if len(states) != len(w) or not states or w.sum() <= 0:
+        raise ValueError(f"need one positive-sum weight per state (got {len(states)} states, weights {w.tolist()})")
+    p = w / w.sum()
+    pairs = [lora_pairs(s) for s in states]
+    out = {}
+    for module in pairs[0]:
+        As, Bs = [], []
+        for p_i, pair in zip(p.tolist(), pairs):
+            A, B = (t.to(torch.float64) for t in pair[module])
+            As.append(A)
+            Bs.append(B * (p_i * alpha / A.shape[0]))
+        out[module] = (torch.cat(As, 0), torch.cat(Bs, 1))
+    return out
