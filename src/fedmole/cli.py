@@ -2,6 +2,8 @@
 
     fedmole run [CONFIG] [--set key=value ...] [--out DIR]
     fedmole resume RUN_DIR     continue an interrupted run from its last good checkpoint
+    fedmole compare CONFIG --methods a,b [--seeds 0,1] [--set key=value ...] [--out DIR]
+                               the same job for several methods and seeds, with a comparison table
     fedmole prepare            fetch and convert the embedded model and data once
     fedmole config             list every option with its default and meaning
     fedmole methods            list the federated methods
@@ -37,9 +39,14 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _execute(cfg, run_dir: Path, resume: bool) -> int:
-    from fedmole.engine.local import LocalEngine
+    if cfg.run.engine == "flower-sim":
+        from fedmole.flower.simulation import run_flower_sim  # needs the `flower` extra
 
-    summary = LocalEngine(cfg, run_dir).run(resume=resume)
+        summary = run_flower_sim(cfg, run_dir, resume=resume)
+    else:
+        from fedmole.engine.local import LocalEngine
+
+        summary = LocalEngine(cfg, run_dir).run(resume=resume)
     m, b = summary["metrics"], summary["baseline_metrics"]
     print(f"run directory: {run_dir}")
     print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
@@ -48,6 +55,22 @@ def _execute(cfg, run_dir: Path, resume: bool) -> int:
         print(f"  tier k={tier}: ROUGE-L {t['rouge_l']:.2f} over {t['clients']} client(s)")
     print(f"wall time {summary['wall_seconds']:.0f} s, final state sha256 {summary['final_state_sha256'][:16]}...")
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedmole.algorithms import METHODS
+    from fedmole.compare import parse_methods, parse_seeds, run_comparison
+
+    methods = parse_methods(args.methods, list(METHODS))
+    result = run_comparison(args.config, methods, parse_seeds(args.seeds), args.set or [], args.out,
+                            keep_checkpoints=args.keep_checkpoints)
+    root = Path(result["meta"]["dir"])
+    print((root / "comparison.md").read_text())
+    print(f"comparison directory: {root} (rerun with --out {root} to continue or extend it)")
+    failed = [r["dir"] for r in result["runs"] if r["status"] != "done"]
+    if failed:
+        print(f"runs without results: {', '.join(failed)} (rerun the same command to retry them)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -88,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="continue an interrupted run from its last good checkpoint")
     res.add_argument("run_dir")
     res.set_defaults(func=_resume)
+
+    cmp = sub.add_parser("compare", help="run several methods and seeds on one config and compare them")
+    cmp.add_argument("config", help="TOML config shared by every run")
+    cmp.add_argument("--methods", required=True, help="comma-separated method names (see `fedmole methods`)")
+    cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    cmp.add_argument("--out", help="comparison directory; pass an existing one to continue it "
+                                   "(default: RUN.OUT_DIR/compare-TIMESTAMP)")
+    cmp.add_argument("--keep-checkpoints", action="store_true",
+                     help="keep finished runs' checkpoints (by default they are deleted to save disk)")
+    cmp.set_defaults(func=_compare)
 
     sub.add_parser("prepare", help="prepare the embedded model and dataset").set_defaults(func=_prepare)
 
