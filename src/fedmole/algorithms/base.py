@@ -77,6 +77,13 @@ class Method:
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         raise NotImplementedError
 
+    def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
+        """Called once with every client's runtime (only the centralised reference uses it)."""
+
+    def final_state(self, global_state: State) -> State:
+        """The tensors that make up the trained model (saved as adapter.safetensors and hashed)."""
+        return global_state
+
     def state_dict(self) -> dict:
         """Cross-round server state (for checkpoints)."""
         return {}

@@ -126,6 +126,10 @@ class FLoRA(LoRAMethod):
         self.version += 1
         return fresh_lora({k: tuple(v.shape) for k, v in previous.items()}, self.seed, rnd)
 
+    def final_state(self, global_state: State) -> State:
+        """The fresh LoRA plus every module's merged base delta: the whole trained update."""
+        return {**global_state, **{f"{m}.merged": d.clone() for m, d in self.merged.items()}}
+
     def state_dict(self) -> dict:
         return {"merged": dict(self.merged), "stack": dict(self.stack), "version": self.version,
                 "synced": list(self.synced)}

@@ -85,8 +85,7 @@ class LocalEngine:
             global_state = self.method.aggregate(rnd, accepted, global_state)   # aggregate
             evaluation = self.evaluate(global_state, rnd) if self.eval_due(rnd) else None  # evaluate
 
-            down = sum(state_nbytes(i.state) for i in instructions)
-            up = sum(reply_nbytes(r) for r in accepted)
+            down, up = self.payload_bytes(instructions, accepted)
             comm["up"] += up
             comm["down"] += down
             row = {
@@ -106,7 +105,8 @@ class LocalEngine:
             last_replies = accepted
 
         final = evaluation if evaluation is not None else self.evaluate(global_state, cfg.run.rounds)
-        out.save_adapter(global_state)
+        trained = self.method.final_state(global_state)
+        out.save_adapter(trained)
         summary = {
             "method": cfg.run.method,
             "engine": self.name,
@@ -119,7 +119,7 @@ class LocalEngine:
             "per_tier": final["per_tier"],
             "comm_bytes": comm,
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
-            "final_state_sha256": state_sha256(global_state),
+            "final_state_sha256": state_sha256(trained),
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
         }
@@ -206,27 +206,21 @@ class LocalEngine:
                 accepted.append(reply)
         return accepted, rejected
 
+    def payload_bytes(self, instructions: list[Instruction], replies: list[Reply]) -> tuple[int, int]:
+        """Tensor payload bytes sent down and up this round (a transport that re-encodes payloads overrides it)."""
+        return sum(state_nbytes(i.state) for i in instructions), sum(reply_nbytes(r) for r in replies)
+
     def eval_due(self, rnd: int) -> bool:
         every = self.cfg.eval.every
         return rnd == self.cfg.run.rounds or (every > 0 and rnd % every == 0)
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
         """Generate on every client's test split with its tier's k; per client, per tier, mean."""
-        e = self.cfg.eval
         per_client = {}
         bar = tqdm(self.setup.runtimes, desc=f"evaluate (round {rnd})", unit="client",
                    disable=not self.progress, leave=False)
         for rt in bar:
-            k = self.method.eval_view(rt, global_state)
-            with self.setup.adapter.route(k):
-                res = evaluate_generation(
-                    self.setup.model, self.setup.tokenizer, rt.data.test, self.setup.encode_prompt,
-                    max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, autocast_dtype=self.setup.autocast,
-                )
-            per_client[rt.data.name] = {
-                "client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
-                "exact_match": res["exact_match"], "n": res["n"],
-            }
+            per_client[rt.data.name] = evaluate_client(self.setup, rt, global_state)
         return summarise(per_client)
 
     def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
@@ -238,6 +232,19 @@ class LocalEngine:
             fracs = [c / c.sum().clamp_min(1) for c in r.expert_counts.values()]
             usage[self.setup.runtimes[r.client_id].data.name] = torch.stack(fracs).mean(0).tolist()
         return usage
+
+
+def evaluate_client(setup: Setup, rt: ClientRuntime, global_state: State) -> dict:
+    """One client's test metrics with the weights `Method.eval_view` gives it (shared by every engine)."""
+    e = setup.cfg.eval
+    k = setup.method.eval_view(rt, global_state)
+    with setup.adapter.route(k):
+        res = evaluate_generation(
+            setup.model, setup.tokenizer, rt.data.test, setup.encode_prompt,
+            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, autocast_dtype=setup.autocast,
+        )
+    return {"client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
+            "exact_match": res["exact_match"], "n": res["n"]}
 
 
 def summarise(per_client: dict) -> dict:

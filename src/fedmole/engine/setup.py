@@ -119,9 +119,7 @@ class Setup:
             device=self.device, autocast_dtype=self.autocast,
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
-        attach = getattr(self.method, "attach_clients", None)
-        if attach is not None:  # a method that needs every client's data at once (the centralised reference)
-            attach(self.runtimes)
+        self.method.attach_clients(self.runtimes)
 
     def _runtime(self, client: ClientData) -> ClientRuntime:
         d = self.cfg.data
