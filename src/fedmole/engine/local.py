@@ -94,6 +94,7 @@ class LocalEngine:
                 **(_headline(evaluation) if evaluation else {}),
                 "clients": [r.client_id for r in accepted],
                 "rejected": {str(c): why for c, why in rejected.items()},
+                "num_rejected": len(rejected),
                 "comm_bytes_up": up,
                 "comm_bytes_down": down,
                 "seconds": round(time.perf_counter() - t0, 3),

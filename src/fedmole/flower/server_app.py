@@ -1,0 +1,167 @@
+"""The fedmole ServerApp: the local engine's round loop, with clients on Flower nodes.
+
+`FlowerEngine` is `LocalEngine` with the client steps moved to the nodes: it
+keeps the loop (select, configure, train, validate, aggregate, evaluate,
+checkpoint), the reply checks and the aggregation, and replaces only the
+transport hooks: training sends each selected client's Instruction to its node,
+evaluation is a federated round in which every node evaluates its own test
+split with `Method.eval_view` (so personalised evaluation uses the client's own
+state, as on the local engine), and payload bytes are counted at the wire dtype.
+
+Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run --run-config`):
+
+    config         fedmole TOML config (relative to the working directory or the app)
+    overrides      fedmole `key=value` overrides, space separated (shell quoting)
+    out            run directory ("" = run.out_dir/METHOD-TIMESTAMP)
+    node-wait      seconds to wait for data.num_clients nodes to connect
+    round-timeout  seconds to wait for the replies of one round (0 = until every node replied)
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmole.config import Config, ConfigError, assign_tiers, load_config
+from fedmole.engine.local import LocalEngine, summarise
+from fedmole.flower import serde
+from fedmole.flower.strategy import FedmoleStrategy, discover_nodes
+from fedmole.messages import Instruction, Reply, State
+from fedmole.reporting.rundir import new_run_dir
+
+log = logging.getLogger("fedmole")
+
+
+class FlowerEngine(LocalEngine):
+    """LocalEngine whose clients live on Flower nodes reached through `grid`."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, grid: Grid, strategy: FedmoleStrategy, name: str):
+        self.name = name  # "flower-sim" (Simulation Engine) or "flower" (Deployment Engine)
+        super().__init__(cfg, run_dir)
+        self.grid = grid
+        self.strategy = strategy
+
+    def run(self, resume: bool = False) -> dict:
+        if resume:
+            raise RuntimeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
+                               "lived in its node's context, which ended with the run; start a new run")
+        return super().run()
+
+    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+        replies, failures = self.strategy.train(self.grid, instructions)
+        for c, why in failures.items():
+            log.warning("round %d: client %d failed: %s", rnd, c, why)
+        limit = self.cfg.fed.client_timeout
+        on_time = []
+        for reply in replies:  # the local engine's deadline, on the node's own clock
+            seconds = float(reply.metrics.get("seconds", 0.0))
+            if limit and seconds > limit:
+                log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, reply.client_id, seconds)
+                failures[reply.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
+            else:
+                on_time.append(reply)
+        return on_time, failures
+
+    def evaluate(self, global_state: State, rnd: int) -> dict:
+        clients = [rt.client_id for rt in self.setup.runtimes]
+        per_client, failures = self.strategy.evaluate(self.grid, rnd, global_state, clients)
+        for c, why in failures.items():
+            log.warning("evaluation (round %d): client %d failed: %s", rnd, c, why)
+        if not per_client:
+            raise RuntimeError(f"evaluation of round {rnd}: no node returned metrics; reasons: {failures}")
+        return summarise(per_client)
+
+    def payload_bytes(self, instructions: list[Instruction], replies: list[Reply]) -> tuple[int, int]:
+        dtype = self.strategy.payload_dtype
+        return (sum(serde.payload_nbytes(i.state, dtype) for i in instructions),
+                sum(serde.reply_payload_nbytes(r, dtype) for r in replies))
+
+    def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
+        # Client state lives on the nodes; the checkpoint keeps the server's half.
+        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "before": before,
+                "comm": comm, "seconds": seconds, "engine": self.name}
+        self.out.checkpoint(rnd, global_state, self.method.state_dict(), {}, meta)
+
+
+def is_simulation(grid: Grid) -> bool:
+    """True under the Simulation Engine (its grid is in memory)."""
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # pragma: no cover - layout of other flwr versions
+        return type(grid).__name__ == "InMemoryGrid"
+    return isinstance(grid, InMemoryGrid)
+
+
+def with_node_tiers(cfg: Config, declared: dict[int, int | None]) -> Config:
+    """`cfg` with the tiers nodes declared in their node config (`tier=K`) taking precedence."""
+    tiers = assign_tiers(cfg)
+    resolved = [declared.get(c) or t for c, t in enumerate(tiers)]
+    if resolved == tiers:
+        return cfg
+    log.info("tiers from the nodes' config: %s (config gave %s)", resolved, tiers)
+    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]"])
+
+
+def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0,
+          round_timeout: float | None = None) -> dict:
+    """Run one fedmole job over `grid` and write its run directory; return the summary."""
+    name = "flower-sim" if is_simulation(grid) else "flower"
+    nodes = discover_nodes(grid, cfg.data.num_clients, node_wait)
+    cfg = with_node_tiers(cfg, {c: tier for c, (_, tier) in nodes.items()})
+    if name == "flower-sim":
+        cfg.run.engine = name
+    strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, serde.config_to_text(cfg),
+                               cfg.run.payload_dtype, round_timeout)
+    log.info("%s: %d clients on nodes %s, payload %s", name, len(nodes), strategy.nodes, cfg.run.payload_dtype)
+    return FlowerEngine(cfg, run_dir, grid, strategy, name).run()
+
+
+def make_server_app(cfg: Config, run_dir: str | Path, *, on_summary: Callable[[dict], None] | None = None,
+                    node_wait: float = 120.0, round_timeout: float | None = None) -> ServerApp:
+    """A ServerApp for one already loaded config (the Simulation Engine entry uses it)."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = serve(grid, cfg, run_dir, node_wait=node_wait, round_timeout=round_timeout)
+        if on_summary is not None:
+            on_summary(summary)
+
+    return server
+
+
+def _find_config(path: str) -> Path:
+    """A config path as given, else relative to the Flower app directory (on sys.path)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    for root in sys.path:
+        if root and (Path(root) / "pyproject.toml").is_file() and (Path(root) / p).is_file():
+            return Path(root) / p
+    raise ConfigError(f"config {path!r} not found in {Path.cwd()} nor in the app directory")
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """`flwr run .`: the fedmole job described by the run config."""
+    if not log.handlers and not logging.getLogger().handlers:  # flwr-serverapp configures no logging for us
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    rc = context.run_config
+    cfg = load_config(_find_config(str(rc["config"])), shlex.split(str(rc.get("overrides", ""))))
+    out = str(rc.get("out", "")) or new_run_dir(cfg.run.out_dir, cfg.run.method)
+    summary = serve(grid, cfg, out, node_wait=float(rc.get("node-wait", 120.0)),
+                    round_timeout=float(rc.get("round-timeout", 0.0)) or None)
+    log.info("run directory %s: %s after %d rounds, final state sha256 %s", out, summary["metrics"],
+             summary["rounds"], summary["final_state_sha256"][:16])

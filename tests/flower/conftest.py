@@ -1,0 +1,21 @@
+"""Fixtures for the Flower tests (they need the `flower` extra, which scripts/setup.sh installs)."""
+
+import pytest
+
+
+@pytest.fixture
+def cfg_factory():
+    """small_cfg(*overrides): the tiny config cut to three clients and two local steps."""
+    from inprocess import small_cfg
+
+    return small_cfg
+
+
+@pytest.fixture
+def grid_factory():
+    """grid(node_configs): an InProcessGrid running fedmole's ClientApp."""
+    from inprocess import InProcessGrid
+
+    from fedmole.flower.client_app import app
+
+    return lambda node_configs: InProcessGrid(app, node_configs)
