@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmole.adapters.inject import MoLEAdapter, State, find_targets
-from fedmole.adapters.mole import Routing, compute_dtype, linear_dims, top_k_router
+from fedmole.adapters.mole import ExpertCounter, Routing, compute_dtype, linear_dims, top_k_router
 
 EXPERT_TENSORS = ("lora_A", "lora_B")  # stacked over the pool: dim 0 indexes experts
 
@@ -60,7 +60,7 @@ class EmbeddingSums:
     tokens: float = 0.0
 
 
-class AMoLELinear(nn.Module):
+class AMoLELinear(ExpertCounter, nn.Module):
     """A frozen linear layer plus a pool of N LoRA experts (a held subset active),
     an optional shared expert and a token projection for key-based routing.
 
@@ -107,8 +107,7 @@ class AMoLELinear(nn.Module):
             self.shared_B = nn.Parameter(torch.zeros(d_out, rank, device=dev))
 
         self.register_buffer("held", torch.arange(pool_size, device=dev), persistent=False)
-        self.register_buffer("expert_counts", torch.zeros(pool_size, dtype=torch.float64), persistent=False)
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._init_counts(pool_size)
         self.aux_loss: torch.Tensor | None = None
         self.embedding: EmbeddingSums | None = None  # set during an embedding pass
 
@@ -165,13 +164,8 @@ class AMoLELinear(nn.Module):
             out = out + shared * self.scaling
         return out.view(*lead, self.d_out)
 
-    @torch.no_grad()
     def _count(self, local: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if mask is not None:
-            local = local[mask]
-        pool = self.held[local.reshape(-1)]  # held-local -> pool indices
-        self.expert_counts += torch.bincount(pool, minlength=self.num_experts).to(torch.float64)
-        self.tokens_seen += local.shape[0]
+        super()._count(self.held[local], mask)  # held-local -> pool indices
 
     @torch.no_grad()
     def _accumulate(self, keys: torch.Tensor, query: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -179,10 +173,6 @@ class AMoLELinear(nn.Module):
         self.embedding.query += torch.einsum("t,tr->r", w, query.float()).to(self.embedding.query)
         self.embedding.keys += torch.einsum("t,tsr->sr", w, keys.float()).to(self.embedding.keys)
         self.embedding.tokens += float(w.sum())
-
-    def reset_counts(self) -> None:
-        self.expert_counts.zero_()
-        self.tokens_seen.zero_()
 
     def extra_repr(self) -> str:
         return (

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmole.adapters.inject import MoLEAdapter, MoLEConfig
-from fedmole.adapters.mole import RESCALE_MODES, Routing, top_k_router
+from fedmole.adapters.mole import RESCALE_MODES, ExpertCounter, Routing, top_k_router
 
 # model_type -> (module, sparse block class) of the supported transformers families
 FAMILIES = {
@@ -82,7 +82,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) ->
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 
-class MoELoRABlock(nn.Module):
+class MoELoRABlock(ExpertCounter, nn.Module):
     """A frozen sparse MoE block (router + stacked experts) with per-expert LoRA and a top-k cap.
 
     The base submodules keep their names (`gate`, `experts`, and Qwen2-MoE's
@@ -147,8 +147,7 @@ class MoELoRABlock(nn.Module):
         # a trained router starts from the base gate, which then stays untouched
         self.router = nn.Parameter(self.gate.weight.detach().float().clone()) if train_router else None
 
-        self.register_buffer("expert_counts", torch.zeros(E, dtype=torch.float64), persistent=False)
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._init_counts(E)
         self.aux_loss: torch.Tensor | None = None
         self._cast_cache: dict[tuple[str, torch.dtype], tuple[tuple, torch.Tensor]] = {}
 
@@ -235,17 +234,6 @@ class MoELoRABlock(nn.Module):
             a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         z = grouped_linear(self.dropout(x), a, offs)  # (M, r + pad)
         return grouped_linear(z, b, offs) * self.scaling  # (M, d_out)
-
-    @torch.no_grad()
-    def _count(self, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if mask is not None:
-            indices = indices[mask]
-        self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(torch.float64)
-        self.tokens_seen += indices.shape[0]
-
-    def reset_counts(self) -> None:
-        self.expert_counts.zero_()
-        self.tokens_seen.zero_()
 
     def extra_repr(self) -> str:
         return (

@@ -84,7 +84,30 @@ def top_k_router(
     return RouterOutput(gates, top_idx, aux)
 
 
-class MoLELinear(nn.Module):
+class ExpertCounter:
+    """Per-expert token counts for FLAME's activation-aware aggregation, mixed into
+    every expert layer: `expert_counts` (E,) tokens routed to each expert and
+    `tokens_seen` real tokens, both non-persistent float64 buffers."""
+
+    def _init_counts(self, num_experts: int, device=None) -> None:
+        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64, device=device),
+                             persistent=False)
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64, device=device), persistent=False)
+
+    @torch.no_grad()
+    def _count(self, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """indices: (N, k) expert ids chosen per token; mask: (N,) real tokens or None."""
+        if mask is not None:
+            indices = indices[mask]
+        self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(torch.float64)
+        self.tokens_seen += indices.shape[0]
+
+    def reset_counts(self) -> None:
+        self.expert_counts.zero_()
+        self.tokens_seen.zero_()
+
+
+class MoLELinear(ExpertCounter, nn.Module):
     """A frozen linear layer plus a mixture of E stacked LoRA experts.
 
     Trainable parameters (and the only ones saved): `lora_A` (E, r, d_in),
@@ -145,8 +168,7 @@ class MoLELinear(nn.Module):
             self.shared_A = nn.Parameter(torch.empty(rank, d_in).uniform_(-bound, bound, generator=generator).to(dev))
             self.shared_B = nn.Parameter(torch.zeros(d_out, rank, device=dev))
 
-        self.register_buffer("expert_counts", torch.zeros(num_experts, dtype=torch.float64), persistent=False)
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._init_counts(num_experts)
         self.aux_loss: torch.Tensor | None = None
 
     def adapter_names(self) -> list[str]:
@@ -188,17 +210,6 @@ class MoLELinear(nn.Module):
             shared = F.linear(F.linear(xd, self.shared_A.to(xd.dtype)), self.shared_B.to(xd.dtype))
             out = out + shared * self.scaling
         return out.view(*lead, self.d_out)
-
-    @torch.no_grad()
-    def _count(self, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if mask is not None:
-            indices = indices[mask]
-        self.expert_counts += torch.bincount(indices.reshape(-1), minlength=self.num_experts).to(torch.float64)
-        self.tokens_seen += indices.shape[0]
-
-    def reset_counts(self) -> None:
-        self.expert_counts.zero_()
-        self.tokens_seen.zero_()
 
     def extra_repr(self) -> str:
         return (
