@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmole.adapters.inject import MoLEAdapter, State, find_targets
+from fedmole.adapters.inject import MoLEAdapter, State, find_targets, wrap_modules
 from fedmole.adapters.mole import ExpertCounter, Routing, compute_dtype, linear_dims, top_k_router
 
 EXPERT_TENSORS = ("lora_A", "lora_B")  # stacked over the pool: dim 0 indexes experts
@@ -340,14 +340,8 @@ def inject_amole(model: nn.Module, cfg: AMoLEConfig) -> AMoLEAdapter:
     names = find_targets(model, list(cfg.targets))
     routing = Routing(k=cfg.top_k)
     gen = torch.Generator().manual_seed(cfg.init_seed)
-    layers: dict[str, AMoLELinear] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = AMoLELinear(
-            getattr(parent, child), routing, pool_size=cfg.pool_size, rank=cfg.rank, alpha=cfg.alpha,
-            dropout=cfg.dropout, shared_expert=cfg.shared_expert, generator=gen,
-        )
-        setattr(parent, child, layer)
-        layers[name] = layer
+    layers = wrap_modules(model, names, lambda base: AMoLELinear(
+        base, routing, pool_size=cfg.pool_size, rank=cfg.rank, alpha=cfg.alpha,
+        dropout=cfg.dropout, shared_expert=cfg.shared_expert, generator=gen,
+    ))
     return AMoLEAdapter(model, layers, routing, cfg)

@@ -147,6 +147,17 @@ class MoLEAdapter:
         return sum(p.numel() for p in self.parameters())
 
 
+def wrap_modules(model: nn.Module, names: list[str], wrap) -> dict[str, nn.Module]:
+    """Replace each named submodule by `wrap(submodule)` (in place); return name -> wrapper."""
+    layers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layers[name] = wrap(getattr(parent, child))
+        setattr(parent, child, layers[name])
+    return layers
+
+
 def inject_mole(model: nn.Module, cfg: MoLEConfig, k_max: int | None = None) -> MoLEAdapter:
     """Replace the target linear layers of `model` with MoLE layers (in place).
 
@@ -161,25 +172,19 @@ def inject_mole(model: nn.Module, cfg: MoLEConfig, k_max: int | None = None) -> 
     names = find_targets(model, list(cfg.targets))
     routing = Routing(k=k_max or cfg.num_experts)
     gen = torch.Generator().manual_seed(cfg.init_seed)
-    layers: dict[str, MoLELinear] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MoLELinear(
-            getattr(parent, child),
-            routing,
-            num_experts=cfg.num_experts,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            renormalize=cfg.renormalize,
-            rescale=cfg.rescale,
-            k_max=k_max,
-            shared_expert=cfg.shared_expert,
-            generator=gen,
-        )
-        setattr(parent, child, layer)
-        layers[name] = layer
+    layers = wrap_modules(model, names, lambda base: MoLELinear(
+        base,
+        routing,
+        num_experts=cfg.num_experts,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        renormalize=cfg.renormalize,
+        rescale=cfg.rescale,
+        k_max=k_max,
+        shared_expert=cfg.shared_expert,
+        generator=gen,
+    ))
     return MoLEAdapter(model, layers, routing, cfg)
 
 

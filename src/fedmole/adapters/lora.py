@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmole.adapters.inject import MoLEAdapter, State, find_targets, split_key
+from fedmole.adapters.inject import MoLEAdapter, State, find_targets, split_key, wrap_modules
 from fedmole.adapters.mole import compute_dtype, linear_dims
 
 LORA_TENSORS = ("lora_A", "lora_B")
@@ -243,12 +243,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAAdapter:
     names = find_targets(model, list(cfg.targets))
     active = ActiveRank(rank=cfg.rank)
     gen = torch.Generator().manual_seed(cfg.init_seed)
-    layers: dict[str, LoRALinear] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(getattr(parent, child), active, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                           generator=gen)
-        setattr(parent, child, layer)
-        layers[name] = layer
+    layers = wrap_modules(model, names, lambda base: LoRALinear(
+        base, active, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, generator=gen,
+    ))
     return LoRAAdapter(model, layers, active, cfg)

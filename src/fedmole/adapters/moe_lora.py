@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmole.adapters.inject import MoLEAdapter, MoLEConfig
+from fedmole.adapters.inject import MoLEAdapter, MoLEConfig, wrap_modules
 from fedmole.adapters.mole import RESCALE_MODES, ExpertCounter, Routing, top_k_router
 
 # model_type -> (module, sparse block class) of the supported transformers families
@@ -303,22 +303,16 @@ def inject_moe_lora(
     model.requires_grad_(False)
     routing = Routing(k=k_max or top_k)
     gen = torch.Generator().manual_seed(cfg.init_seed)
-    layers: dict[str, MoELoRABlock] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        block = MoELoRABlock(
-            getattr(parent, child),
-            routing,
-            top_k=top_k,
-            renormalize=renormalize,
-            rank=cfg.rank,
-            alpha=cfg.alpha,
-            dropout=cfg.dropout,
-            rescale=cfg.rescale,
-            train_router=train_router,
-            generator=gen,
-        )
-        setattr(parent, child, block)
-        layers[name] = block
+    layers = wrap_modules(model, names, lambda base: MoELoRABlock(
+        base,
+        routing,
+        top_k=top_k,
+        renormalize=renormalize,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        rescale=cfg.rescale,
+        train_router=train_router,
+        generator=gen,
+    ))
     return MoLEAdapter(model, layers, routing, cfg)
