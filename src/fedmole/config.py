@@ -83,7 +83,8 @@ class AdapterSection:
     dropout: float = opt(0.05, "dropout on the adapter input", range=(0.0, 0.9))
     targets: list[str] = opt(None, "module names to adapt, or ['all-linear']",
                              factory=lambda: ["q_proj", "v_proj"])
-    router: str = opt("linear", "router type", choices=("linear",))
+    router: str = opt("linear", "router: linear (softmax gate, FLAME) | key (<A_j x, W_t x>/sqrt(r), FedAMoLE's)",
+                      choices=("linear", "key"))
     renormalize: bool = opt(False, "renormalise kept top-k gates")
     rescale: str = opt("learned", "tier rescaler", choices=("learned", "fixed", "off"))
     shared_expert: bool = opt(False, "add an always-on shared expert")
@@ -99,6 +100,9 @@ class TrainSection:
     local_steps: int = opt(10, "optimizer steps per client per round", range=(1, None))
     batch_size: int = opt(8, "sequences per step", range=(1, None))
     lr: float = opt(1e-3, "AdamW learning rate", range=(0.0, 1.0))
+    rescale_lr: float = opt(1e-2, "learning rate of the learned tier rescalers (their own AdamW group, no weight "
+                            "decay: one scalar per tier and module moves too little at the LoRA rate)",
+                            range=(0.0, 1.0))
     weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, None))
     grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", range=(0.0, None))
 
@@ -137,17 +141,18 @@ class Config:
     fed: FedSection = field(default_factory=FedSection)
     eval: EvalSection = field(default_factory=EvalSection)
     methods: dict[str, Any] = field(default_factory=dict)  # method name -> its options dataclass
+    explicit: dict[str, set[str]] = field(default_factory=dict, repr=False)  # section -> keys the user gave
 
     def method_options(self, name: str | None = None):
         return self.methods[name or self.run.method]
 
     def to_dict(self) -> dict:
-        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out.update({name: dataclasses.asdict(o) for name, o in self.methods.items()})
         return out
 
 
-SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name != "methods"}
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.name not in ("methods", "explicit")}
 
 
 def _method_registry() -> dict[str, type]:
@@ -253,6 +258,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     cfg = Config(
         **{name: build_section(f.default_factory().__class__, raw.get(name, {}), name) for name, f in SECTIONS.items()},
         methods={name: build_section(cls, raw.get(name, {}), name) for name, cls in registry.items()},
+        explicit={name: set(table) for name, table in raw.items() if isinstance(table, dict)},
     )
     if cfg.run.method not in registry:
         raise ConfigError(f"run.method = {cfg.run.method!r}; allowed: {', '.join(registry)}")
@@ -292,6 +298,30 @@ def validate(cfg: Config) -> None:
     check = getattr(cfg.method_options(), "check", None)  # the method's own cross-field rules
     if check is not None:
         check(cfg)
+    from fedmole.assets import model_kind
+
+    kind = model_kind(cfg.model.name)
+    if kind is not None:
+        check_adapter_options(cfg, moe=kind == "moe")
+
+
+def check_adapter_options(cfg: Config, moe: bool) -> None:
+    """Reject [adapter] options the user set to a non-default value that this method on this kind of
+    base model ignores (an option that silently does nothing is a wrong result waiting to happen)."""
+    from fedmole.algorithms import METHODS
+
+    method = METHODS[cfg.run.method]
+    used = method.adapter_options(moe)
+    defaults = AdapterSection()
+    for key in sorted(cfg.explicit.get("adapter", set()) - set(used)):
+        value = getattr(cfg.adapter, key)
+        if value != getattr(defaults, key):
+            base = "a sparse MoE base model" if moe else "a dense base model"
+            raise ConfigError(
+                f"adapter.{key} = {value!r} has no effect for method {cfg.run.method!r} on {base} "
+                f"({cfg.model.name}): {method.ignored_reason(key, moe)}; remove it (options used here: "
+                f"{', '.join(f'adapter.{u}' for u in sorted(used))})"
+            )
 
 
 def assign_tiers(cfg: Config) -> list[int]:

@@ -260,14 +260,20 @@ def test_rescaler_init_state_keys_and_round_trip():
                            state[next(k for k in state if k.endswith("lora_down_B"))])
 
 
-def test_aux_loss_is_one_for_a_uniform_router():
-    _, model, adapter = make("olmoe")
+def test_aux_loss_is_one_for_a_uniform_trained_router_and_absent_for_a_frozen_one():
+    _, model, adapter = make("olmoe", train_router=True)
     for block in adapter.layers.values():
-        block.gate.weight.data.zero_()
+        block.router.data.zero_()
     model.train()
     with adapter.route(2):
         model(torch.randint(0, VOCAB, (2, 6)))
     assert all(torch.isclose(b.aux_loss, torch.tensor(1.0)) for b in adapter.layers.values())
+    # a frozen base router has nothing to balance: its gradient would only reach the LoRA tensors
+    _, model, adapter = make("olmoe")
+    model.train()
+    with adapter.route(2):
+        model(torch.randint(0, VOCAB, (2, 6)))
+    assert all(b.aux_loss is None for b in adapter.layers.values()) and float(adapter.aux_loss()) == 0.0
 
 
 def test_generation_with_a_capped_k():

@@ -9,15 +9,17 @@ from fedmole.adapters.mole import MoLELinear, Routing, reference_forward, top_k_
 from fedmole.models import tiny_llama
 
 
-def make_layer(k=2, E=8, r=4, d_in=24, d_out=20, renormalize=False, rescale="learned", shared=False, seed=0):
+def make_layer(k=2, E=8, r=4, d_in=24, d_out=20, renormalize=False, rescale="learned", shared=False, seed=0,
+               router="linear"):
     torch.manual_seed(seed)
     base = nn.Linear(d_in, d_out)
     base.requires_grad_(False)
-    layer = MoLELinear(base, Routing(k=k), num_experts=E, rank=r, alpha=8.0, renormalize=renormalize,
+    layer = MoLELinear(base, Routing(k=k), num_experts=E, rank=r, alpha=8.0, router=router, renormalize=renormalize,
                        rescale=rescale, k_max=E, shared_expert=shared, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():  # B starts at zero; give it values so the test sees the experts
         layer.lora_B.normal_()
-        layer.router.normal_()
+        if router == "linear":
+            layer.router.normal_()
         if shared:
             layer.shared_B.normal_()
     return layer
@@ -39,6 +41,34 @@ def test_stacked_matches_naive_loop_outputs_and_grads(k, renormalize, shared):
     torch.testing.assert_close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("k,dropout", [(1, 0.0), (3, 0.0), (2, 0.3)])
+def test_key_router_matches_naive_loop_outputs_and_grads(k, dropout):
+    layer = make_layer(k=k, router="key").double()
+    assert layer.router is None and "token_proj" in layer.adapter_names() and "router" not in layer.adapter_names()
+    layer.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+    layer.eval()  # dropout off for the comparison; the train-mode key path is checked below
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    params = [layer.lora_A, layer.lora_B, layer.token_proj, layer.rescale]
+    y = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), params + [x])
+    y_ref = reference_forward(layer, x)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), params + [x])
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    if dropout:  # in training the keys still come from the clean input: routing ignores dropout
+        layer.train()
+        xf = x.detach().reshape(-1, 24)
+        keys = torch.einsum("erd,nd->ner", layer.lora_A, xf)
+        logits = (keys * (xf @ layer.token_proj.t())[:, None, :]).sum(-1) / 2.0
+        torch.testing.assert_close(layer.router_logits(xf), logits)
+        layer.routing.collect = True
+        layer(x)
+        layer.routing.collect = False
+        assert torch.equal(layer.expert_counts, torch.bincount(logits.topk(k, -1).indices.flatten(), minlength=8)
+                           .double())
 
 
 def test_per_call_k_changes_which_experts_run():
@@ -74,6 +104,9 @@ def test_rescaler_init_and_modes():
     assert torch.allclose(renorm.rescale, torch.ones(8))
     fixed = make_layer(k=2, rescale="fixed")
     assert "rescale" not in fixed.adapter_names() and not isinstance(fixed.rescale, nn.Parameter)
+    assert torch.allclose(fixed.rescale, learned.rescale)
+    # renormalised gates already sum to one at every k: a fixed rescaler must not scale them
+    assert torch.all(make_layer(k=2, rescale="fixed", renormalize=True).rescale == 1)
     off = make_layer(k=2, rescale="off")
     assert torch.all(off.rescale == 1)
 

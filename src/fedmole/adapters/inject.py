@@ -17,11 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedmole.adapters.mole import RESCALE_MODES, MoLELinear, Routing
+from fedmole.adapters.mole import RESCALE_MODES, ROUTERS, MoLELinear, Routing
 
 State = dict[str, torch.Tensor]
 
-ROUTERS = ("linear",)
 
 
 @dataclass
@@ -33,7 +32,7 @@ class MoLEConfig:
     alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.05  # dropout on the adapter input
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # module names, or ["all-linear"]
-    router: str = "linear"  # gate type
+    router: str = "linear"  # gate type: linear | key (FedAMoLE-style <A_j x, W_t x> / sqrt(r))
     renormalize: bool = False  # renormalise the kept top-k gates to sum to one
     rescale: str = "learned"  # output rescaler: learned | fixed (k_max/k) | off
     shared_expert: bool = False  # add an always-on expert outside the mixture
@@ -179,6 +178,7 @@ def inject_mole(model: nn.Module, cfg: MoLEConfig, k_max: int | None = None) -> 
         rank=cfg.rank,
         alpha=cfg.alpha,
         dropout=cfg.dropout,
+        router=cfg.router,
         renormalize=cfg.renormalize,
         rescale=cfg.rescale,
         k_max=k_max,

@@ -14,6 +14,13 @@ same way: `route(k)` takes the client's tier k and runs rank `rank_of(k)`
 there is no auxiliary loss and there are no expert counts. Adapter state
 keys are `<module>.lora_A` and `<module>.lora_B`; states of a smaller rank
 (a client's view) load zero-padded.
+
+On a sparse MoE base the same handle drives per-expert LoRA pairs
+(`fedmole.adapters.moe_lora`, keys `<block>.lora_gate_up_A/B` and
+`<block>.lora_down_A/B`, stacked over experts: A (E, r, d_in), B (E, d_out, r)).
+The helpers below treat every pair alike: the rank is dim -2 of A and dim -1
+of B, and leading dims index experts. A pair is named by its module (plain
+LoRA) or `<block>.gate_up` / `<block>.down` (MoE experts).
 """
 
 from __future__ import annotations
@@ -31,6 +38,13 @@ from fedmole.adapters.inject import MoLEAdapter, State, find_targets, split_key,
 from fedmole.adapters.mole import compute_dtype, linear_dims
 
 LORA_TENSORS = ("lora_A", "lora_B")
+# A tensor name -> (its B tensor name, the pair's name suffix); rank is dim -2 of A and dim -1 of B
+LORA_PAIRS = {
+    "lora_A": ("lora_B", ""),
+    "lora_gate_up_A": ("lora_gate_up_B", "gate_up"),
+    "lora_down_A": ("lora_down_B", "down"),
+}
+_B_NAMES = {b for b, _ in LORA_PAIRS.values()}
 
 
 @dataclass
@@ -40,10 +54,10 @@ class ActiveRank:
     rank: int
 
 
-def init_lora_A(rank: int, d_in: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """LoRA's A init (rank, d_in): U(-1/sqrt(d_in), 1/sqrt(d_in)), the kaiming-uniform bound with a=sqrt(5)."""
+def init_lora_A(rank: int, d_in: int, generator: torch.Generator | None = None, lead: tuple[int, ...] = ()) -> torch.Tensor:
+    """LoRA's A init (*lead, rank, d_in): U(-1/sqrt(d_in), 1/sqrt(d_in)), the kaiming-uniform bound with a=sqrt(5)."""
     bound = 1.0 / math.sqrt(d_in)
-    return torch.empty(rank, d_in).uniform_(-bound, bound, generator=generator)
+    return torch.empty(*lead, rank, d_in).uniform_(-bound, bound, generator=generator)
 
 
 class LoRALinear(nn.Module):
@@ -89,8 +103,8 @@ class LoRALinear(nn.Module):
         return out.view(*lead, self.d_out)
 
     @torch.no_grad()
-    def set_delta(self, delta: torch.Tensor | None) -> None:
-        """Make the frozen weight W0 + delta (delta: d_out x d_in), or W0 again for None."""
+    def set_delta(self, delta: torch.Tensor | None, pair: str = "lora_A") -> None:
+        """Make the frozen weight W0 + delta (delta: d_out x d_in), or W0 again for None (one pair: `pair` unused)."""
         w = self.base_layer.weight
         if self._w0 is None:
             if delta is None:
@@ -184,55 +198,76 @@ class LoRAAdapter(MoLEAdapter):
             getattr(self.layers[module], name).copy_(value)
 
     def set_merged(self, deltas: Mapping[str, torch.Tensor] | None) -> None:
-        """Fold module -> dense delta (d_out, d_in) into the frozen weights; modules not given get W0."""
+        """Fold pair name -> dense delta ((E,) d_out, d_in) into the frozen weights; pairs not given get W0."""
         deltas = deltas or {}
-        unknown = sorted(set(deltas) - set(self.layers))
+        pairs = {pair_id(name, a): (layer, a) for name, layer in self.layers.items()
+                 for a in layer.adapter_names() if is_lora_A(a)}
+        unknown = sorted(set(deltas) - set(pairs))
         if unknown:
-            raise KeyError(f"merged delta for unknown module {unknown[0]!r}")
-        for name, layer in self.layers.items():
-            layer.set_delta(deltas.get(name))
+            raise KeyError(f"merged delta for unknown LoRA pair {unknown[0]!r}")
+        for pid, (layer, a_name) in pairs.items():
+            layer.set_delta(deltas.get(pid), a_name)
+
+
+def is_lora_A(name: str) -> bool:
+    return name in LORA_PAIRS
+
+
+def pair_id(module: str, a_name: str) -> str:
+    """The name of the pair whose A tensor is `<module>.<a_name>`."""
+    suffix = LORA_PAIRS[a_name][1]
+    return f"{module}.{suffix}" if suffix else module
+
+
+def pair_keys(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """pair name -> (A key, B key) for every LoRA pair in `state`."""
+    out = {}
+    for key in state:
+        module, name = split_key(key)
+        if is_lora_A(name):
+            out[pair_id(module, name)] = (key, f"{module}.{LORA_PAIRS[name][0]}")
+    return out
 
 
 def lora_rank(state: Mapping[str, torch.Tensor]) -> int:
-    """The rank of a LoRA state (every module's A must agree)."""
-    ranks = {v.shape[0] for k, v in state.items() if split_key(k)[1] == "lora_A"}
+    """The rank of a LoRA state (every pair's A must agree)."""
+    ranks = {v.shape[-2] for k, v in state.items() if is_lora_A(split_key(k)[1])}
     if len(ranks) != 1:
         raise ValueError(f"LoRA state has A tensors of ranks {sorted(ranks)}; expected one rank")
     return ranks.pop()
 
 
 def truncate_lora(state: Mapping[str, torch.Tensor], rank: int) -> State:
-    """The rank-`rank` view: A[:rank] (rank, d_in), B[:, :rank] (d_out, rank); other keys dropped."""
+    """The rank-`rank` view: A[..., :rank, :], B[..., :rank]; other keys dropped."""
     out: State = {}
     for key, value in state.items():
         name = split_key(key)[1]
-        if name == "lora_A":
-            out[key] = value[:rank].clone()
-        elif name == "lora_B":
-            out[key] = value[:, :rank].clone()
+        if is_lora_A(name):
+            out[key] = value[..., :rank, :].clone()
+        elif name in _B_NAMES:
+            out[key] = value[..., :rank].clone()
     return out
 
 
 def pad_lora(state: Mapping[str, torch.Tensor], rank: int) -> State:
-    """Zero-pad every A to (rank, d_in) and every B to (d_out, rank); other keys dropped."""
+    """Zero-pad every A to (..., rank, d_in) and every B to (..., d_out, rank); other keys dropped."""
     out: State = {}
     for key, value in state.items():
         name = split_key(key)[1]
-        if name == "lora_A":
-            if value.shape[0] > rank:
-                raise ValueError(f"{key}: rank {value.shape[0]} exceeds {rank}")
-            out[key] = F.pad(value, (0, 0, 0, rank - value.shape[0]))
-        elif name == "lora_B":
-            if value.shape[1] > rank:
-                raise ValueError(f"{key}: rank {value.shape[1]} exceeds {rank}")
-            out[key] = F.pad(value, (0, rank - value.shape[1]))
+        if is_lora_A(name):
+            if value.shape[-2] > rank:
+                raise ValueError(f"{key}: rank {value.shape[-2]} exceeds {rank}")
+            out[key] = F.pad(value, (0, 0, 0, rank - value.shape[-2]))
+        elif name in _B_NAMES:
+            if value.shape[-1] > rank:
+                raise ValueError(f"{key}: rank {value.shape[-1]} exceeds {rank}")
+            out[key] = F.pad(value, (0, rank - value.shape[-1]))
     return out
 
 
 def lora_pairs(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module -> (A (r, d_in), B (d_out, r))."""
-    modules = [split_key(k)[0] for k in state if split_key(k)[1] == "lora_A"]
-    return {m: (state[f"{m}.lora_A"], state[f"{m}.lora_B"]) for m in modules}
+    """pair name -> (A (..., r, d_in), B (..., d_out, r))."""
+    return {p: (state[a], state[b]) for p, (a, b) in pair_keys(state).items()}
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAAdapter:

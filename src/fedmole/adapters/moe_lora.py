@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmole.adapters.inject import MoLEAdapter, MoLEConfig, wrap_modules
-from fedmole.adapters.mole import RESCALE_MODES, ExpertCounter, Routing, top_k_router
+from fedmole.adapters.lora import ActiveRank, LoRAAdapter, LoRAConfig
+from fedmole.adapters.mole import RESCALE_MODES, ExpertCounter, Routing, compute_dtype, init_rescaler, top_k_router
 
 # model_type -> (module, sparse block class) of the supported transformers families
 FAMILIES = {
@@ -48,12 +49,6 @@ FAMILIES = {
 }
 
 EXPERT_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: the autocast dtype when autocast is on, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -102,6 +97,7 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         dropout: float = 0.0,
         rescale: str = "learned",
         train_router: bool = False,
+        active: ActiveRank | None = None,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -111,6 +107,8 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         self.experts = block.experts
         self.shared_expert = getattr(block, "shared_expert", None)
         self.shared_expert_gate = getattr(block, "shared_expert_gate", None)
+        # a shared expert of width 0 (as in fedmole's sparsified models) adds nothing: skip its call
+        self.has_shared = self.shared_expert is not None and getattr(self.shared_expert, "intermediate_size", 1) > 0
         self.jitter_noise = float(getattr(block, "jitter_noise", 0.0))
         gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         E, two_i, H = gate_up.shape
@@ -121,7 +119,8 @@ class MoELoRABlock(ExpertCounter, nn.Module):
             )
         self.routing = routing
         self.num_experts, self.hidden, self.intermediate = E, H, two_i // 2
-        self.top_k, self.rank, self.scaling = top_k, rank, alpha / rank
+        self.top_k, self.rank, self.alpha, self.scaling = top_k, rank, alpha, alpha / rank
+        self.active = active  # rank-truncation mode (the LoRA baselines): every call runs the full top-k
         self.renormalize = renormalize
         self.rescale_mode = rescale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -136,20 +135,14 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         self.lora_down_A = lora_a(self.intermediate)  # (E, r, I)
         self.lora_down_B = nn.Parameter(torch.zeros(E, H, rank, device=dev))  # (E, H, r)
 
-        ks = torch.arange(1, top_k + 1, dtype=torch.float32, device=dev)
-        init = torch.ones_like(ks) if renormalize else top_k / ks  # (top_k,): entry k-1 scales tier k
-        if rescale == "learned":
-            self.rescale = nn.Parameter(init)
-        elif rescale == "fixed":
-            self.register_buffer("rescale", init, persistent=False)
-        else:
-            self.register_buffer("rescale", torch.ones_like(ks), persistent=False)
+        init_rescaler(self, rescale, top_k, top_k, renormalize, dev)  # (top_k,): entry k-1 scales tier k
         # a trained router starts from the base gate, which then stays untouched
         self.router = nn.Parameter(self.gate.weight.detach().float().clone()) if train_router else None
 
         self._init_counts(E)
         self.aux_loss: torch.Tensor | None = None
         self._cast_cache: dict[tuple[str, torch.dtype], tuple[tuple, torch.Tensor]] = {}
+        self._pristine: dict[str, torch.Tensor] = {}  # base expert weights before a merged delta
 
     def adapter_names(self) -> list[str]:
         """Names of this block's trainable adapter tensors (the saved state)."""
@@ -161,7 +154,7 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         return names
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        k = self.routing.k
+        k = self.top_k if self.active is not None else self.routing.k
         if not 1 <= k <= self.top_k:
             raise ValueError(f"active experts k={k}; allowed: 1..{self.top_k} (the base model's top-k)")
         lead = hidden_states.shape[:-1]
@@ -174,15 +167,15 @@ class MoELoRABlock(ExpertCounter, nn.Module):
             mask = None  # e.g. cached generation steps: every token is real
 
         weight = self.router if self.router is not None else self.gate.weight
-        route = top_k_router(F.linear(x, weight.to(_compute_dtype(x))), k, self.renormalize, mask)
-        if self.training:
+        route = top_k_router(F.linear(x, weight.to(compute_dtype(x))), k, self.renormalize, mask)
+        if self.training and self.router is not None:  # a frozen router has nothing to balance
             self.aux_loss = route.aux_loss
         if self.routing.collect:
             self._count(route.indices, mask)
         gates = route.gates.gather(-1, route.indices) * self.rescale[k - 1]  # (N, k) float32, s_k folded in
         out = self._experts(x, route.indices, gates)  # (N, H)
 
-        if self.shared_expert is not None:  # Qwen2-MoE: an always-on expert behind a sigmoid gate
+        if self.has_shared:  # Qwen2-MoE: an always-on expert behind a sigmoid gate
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view(*lead, self.hidden)
 
@@ -196,7 +189,7 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         order = flat.argsort(stable=True)  # (M,) routed rows grouped by expert, M = N*k
         token = order.div(k, rounding_mode="floor")  # (M,) token of each row
         offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (E,)
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         xs = x[token].to(dt)  # (M, H)
 
         gu = grouped_linear(xs, self._base_weight("gate_up_proj", dt), offs)  # (M, 2I)
@@ -228,12 +221,41 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         return hit[1]
 
     def _lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """(alpha/r) B_e A_e x per row block. x: (M, d_in); a: (E, r, d_in); b: (E, d_out, r)."""
-        pad = -self.rank % (16 // x.element_size())  # zero rank padding keeps grouped-matmul rows 16-byte aligned
+        """(alpha/r) B_e A_e x per row block. x: (M, d_in); a: (E, r, d_in); b: (E, d_out, r).
+
+        In rank-truncation mode only the first `active.rank` components run, scaled by alpha / that rank.
+        """
+        rank, scaling = self.rank, self.scaling
+        if self.active is not None:
+            rank = self.active.rank
+            if not 1 <= rank <= self.rank:
+                raise ValueError(f"active LoRA rank {rank}; allowed: 1..{self.rank}")
+            a, b, scaling = a[:, :rank], b[..., :rank], self.alpha / rank
+        pad = -rank % (16 // x.element_size())  # zero rank padding keeps grouped-matmul rows 16-byte aligned
         if pad:
             a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
         z = grouped_linear(self.dropout(x), a, offs)  # (M, r + pad)
-        return grouped_linear(z, b, offs) * self.scaling  # (M, d_out)
+        return grouped_linear(z, b, offs) * scaling  # (M, d_out)
+
+    @torch.no_grad()
+    def set_delta(self, delta: torch.Tensor | None, pair: str) -> None:
+        """Make one projection of every expert W0_e + delta_e (FLoRA's merged base), or W0 for None.
+
+        pair: "lora_gate_up_A" (delta (E, 2I, H)) or "lora_down_A" (delta (E, H, I)).
+        """
+        name = {"lora_gate_up_A": "gate_up_proj", "lora_down_A": "down_proj"}[pair]
+        w = getattr(self.experts, name)
+        pristine = self._pristine.get(name)
+        if pristine is None:
+            if delta is None:
+                return
+            pristine = self._pristine[name] = w.detach().clone()
+        if delta is None:
+            w.copy_(pristine)
+            return
+        if tuple(delta.shape) != tuple(w.shape):
+            raise ValueError(f"merged delta for {name} has shape {tuple(delta.shape)}, expected {tuple(w.shape)}")
+        w.copy_(pristine + delta.to(device=w.device, dtype=w.dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -316,3 +338,34 @@ def inject_moe_lora(
         generator=gen,
     ))
     return MoLEAdapter(model, layers, routing, cfg)
+
+
+def inject_moe_lora_ranked(model: nn.Module, cfg: MoLEConfig, seed: int, k_max: int | None = None) -> LoRAAdapter:
+    """Per-expert LoRA for the rank-based baselines on a sparse MoE base (in place; base frozen).
+
+    Every expert of every sparse block gets a LoRA of rank cfg.rank, as FLAME does, but a client
+    of tier k compresses rank instead of experts: it runs the model's full top-k with the first
+    cfg.rank * k / top_k components of each expert's LoRA, the same number of active adapter
+    parameters per token as a FLAME client activating k rank-cfg.rank experts. The returned
+    `LoRAAdapter` maps tiers to ranks (`rank_of`) for the LoRA methods.
+    """
+    family = _family(model)
+    top_k = int(model.config.num_experts_per_tok)
+    if k_max is not None and not 1 <= k_max <= top_k:
+        raise ValueError(f"largest tier k={k_max} does not fit this {family} model, which routes each token to "
+                         f"{top_k} experts; tiers must be in 1..{top_k}")
+    if cfg.rank % top_k:
+        raise ValueError(f"on an MoE base a tier-k LoRA baseline runs per-expert rank adapter.rank * k / top_k; "
+                         f"adapter.rank = {cfg.rank} must be a multiple of the model's top-k ({top_k})")
+    names = find_moe_blocks(model)
+    model.requires_grad_(False)
+    routing = Routing(k=top_k)
+    active = ActiveRank(rank=cfg.rank)
+    gen = torch.Generator().manual_seed(seed)
+    layers = wrap_modules(model, names, lambda base: MoELoRABlock(
+        base, routing, top_k=top_k, renormalize=_renormalizes(family, model.config), rank=cfg.rank,
+        alpha=cfg.alpha, dropout=cfg.dropout, rescale="off", train_router=False, active=active, generator=gen,
+    ))
+    lora_cfg = LoRAConfig(rank=cfg.rank, rank_per_tier=cfg.rank // top_k, alpha=cfg.alpha, dropout=cfg.dropout,
+                          targets=[], init_seed=seed)
+    return LoRAAdapter(model, layers, active, lora_cfg)

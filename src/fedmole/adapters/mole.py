@@ -6,7 +6,13 @@ Experts are stacked (A: E x r x d_in, B: E x d_out x r) and computed with two
 matmuls over all experts at once; unselected experts get a zero gate, so their
 contribution and gradient are exactly zero. For E*r of a few dozen this dense
 form beats any gather/scatter on a CPU and matches the naive per-expert loop
-(kept in `fedmole.adapters.reference` as the test oracle).
+(`reference_forward` below, the test oracle). Because every expert is computed,
+a lower tier saves no compute here: that needs a sparse base model
+(`fedmole.adapters.moe_lora`), where the skipped experts are whole FFNs.
+
+The router is a linear gate (FLAME's default) or the key-based router of
+FedAMoLE (spec 1.3): expert j's key is its own A_j x, the query a token
+projection W_t x, and the logit <A_j x, W_t x> / sqrt(r).
 
 The number of active experts `k` is read from a `Routing` object shared by all
 layers of one model, so the caller sets it per forward call (one global adapter
@@ -24,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 RESCALE_MODES = ("learned", "fixed", "off")
+ROUTERS = ("linear", "key")
 
 
 @dataclass
@@ -107,11 +114,30 @@ class ExpertCounter:
         self.tokens_seen.zero_()
 
 
+def init_rescaler(module: nn.Module, mode: str, size: int, k_ref: int, renormalize: bool, device=None) -> None:
+    """Register `module.rescale` (size,), entry k-1 scaling the mixture output of a tier-k client.
+
+    Without renormalisation a tier-k client keeps about k/k_ref of the gate mass
+    of the reference tier k_ref, so the scale starts at k_ref/k; renormalised
+    gates already sum to one, so it starts at 1. `learned`: a parameter from that
+    start; `fixed`: the same values as a buffer; `off`: ones.
+    """
+    if mode not in RESCALE_MODES:
+        raise ValueError(f"rescale={mode!r}; allowed: {', '.join(RESCALE_MODES)}")
+    ks = torch.arange(1, size + 1, dtype=torch.float32, device=device)
+    start = torch.ones_like(ks) if renormalize else k_ref / ks
+    if mode == "learned":
+        module.rescale = nn.Parameter(start)
+    else:
+        module.register_buffer("rescale", start if mode == "fixed" else torch.ones_like(ks), persistent=False)
+
+
 class MoLELinear(ExpertCounter, nn.Module):
     """A frozen linear layer plus a mixture of E stacked LoRA experts.
 
     Trainable parameters (and the only ones saved): `lora_A` (E, r, d_in),
-    `lora_B` (E, d_out, r), `router` (E, d_in), `rescale` (E,) when learned,
+    `lora_B` (E, d_out, r), the router (`router` (E, d_in) for the linear gate,
+    `token_proj` (r, d_in) for the key-based one), `rescale` (E,) when learned,
     `shared_A` (r, d_in) and `shared_B` (d_out, r) when a shared expert is on.
     `rescale[k-1]` is the output scale of a client that activates k experts.
     """
@@ -125,6 +151,7 @@ class MoLELinear(ExpertCounter, nn.Module):
         rank: int,
         alpha: float,
         dropout: float = 0.0,
+        router: str = "linear",
         renormalize: bool = False,
         rescale: str = "learned",
         k_max: int | None = None,
@@ -132,13 +159,14 @@ class MoLELinear(ExpertCounter, nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        if rescale not in RESCALE_MODES:
-            raise ValueError(f"rescale={rescale!r}; allowed: {', '.join(RESCALE_MODES)}")
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r}; allowed: {', '.join(ROUTERS)}")
         d_in, d_out = linear_dims(base_layer)
         self.base_layer = base_layer
         self.routing = routing
         self.num_experts, self.rank, self.d_in, self.d_out = num_experts, rank, d_in, d_out
         self.scaling = alpha / rank
+        self.router_type = router
         self.renormalize = renormalize
         self.rescale_mode = rescale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -149,18 +177,14 @@ class MoLELinear(ExpertCounter, nn.Module):
         a = torch.empty(num_experts, rank, d_in).uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a.to(dev))
         self.lora_B = nn.Parameter(torch.zeros(num_experts, d_out, rank, device=dev))
-        r = torch.empty(num_experts, d_in).normal_(0.0, 0.02, generator=generator)
-        self.router = nn.Parameter(r.to(dev))
-
-        k_max = k_max or num_experts
-        ks = torch.arange(1, num_experts + 1, dtype=torch.float32, device=dev)
-        init = torch.ones_like(ks) if renormalize else (k_max / ks)
-        if rescale == "learned":
-            self.rescale = nn.Parameter(init)
-        elif rescale == "fixed":
-            self.register_buffer("rescale", k_max / ks, persistent=False)
-        else:
-            self.register_buffer("rescale", torch.ones_like(ks), persistent=False)
+        self.router: nn.Parameter | None = None
+        self.token_proj: nn.Parameter | None = None
+        if router == "linear":
+            r = torch.empty(num_experts, d_in).normal_(0.0, 0.02, generator=generator)
+            self.router = nn.Parameter(r.to(dev))
+        else:  # the query side of the key router; keys are the experts' own A_j x
+            self.token_proj = nn.Parameter(torch.empty(rank, d_in).uniform_(-bound, bound, generator=generator).to(dev))
+        init_rescaler(self, rescale, num_experts, k_max or num_experts, renormalize, dev)
 
         self.shared_A: nn.Parameter | None = None
         self.shared_B: nn.Parameter | None = None
@@ -173,12 +197,22 @@ class MoLELinear(ExpertCounter, nn.Module):
 
     def adapter_names(self) -> list[str]:
         """Names of this layer's trainable adapter tensors (the saved state)."""
-        names = ["lora_A", "lora_B", "router"]
+        names = ["lora_A", "lora_B", "router" if self.router is not None else "token_proj"]
         if self.rescale_mode == "learned":
             names.append("rescale")
         if self.shared_A is not None:
             names += ["shared_A", "shared_B"]
         return names
+
+    def router_logits(self, xc: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, E) router logits for the clean input xc (N, d_in); `keys` (N, E*r) = A x when already computed."""
+        if self.router is not None:
+            return F.linear(xc, self.router.to(xc.dtype))
+        E, r = self.num_experts, self.rank
+        if keys is None:
+            keys = F.linear(xc, self.lora_A.reshape(E * r, self.d_in).to(xc.dtype))
+        query = F.linear(xc, self.token_proj.to(xc.dtype))  # (N, r)
+        return torch.einsum("ner,nr->ne", keys.view(-1, E, r), query) / math.sqrt(r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = self.routing.k
@@ -192,7 +226,11 @@ class MoLELinear(ExpertCounter, nn.Module):
         if mask is not None and mask.numel() != n_tok:
             mask = None  # e.g. cached generation steps: every token is real
 
-        route = top_k_router(F.linear(xc, self.router.to(xc.dtype)), k, self.renormalize, mask)
+        E, r = self.num_experts, self.rank
+        xd = self.dropout(xc)
+        h = F.linear(xd, self.lora_A.reshape(E * r, self.d_in).to(xc.dtype))  # (N, E*r)
+        clean = xd is xc or not self.training  # dropout is the identity: A x is the key already
+        route = top_k_router(self.router_logits(xc, h if clean else None), k, self.renormalize, mask)
         if self.training:
             self.aux_loss = route.aux_loss
         if self.routing.collect:
@@ -200,9 +238,6 @@ class MoLELinear(ExpertCounter, nn.Module):
         # fold alpha/r and the tier scale into the (N, E) gates rather than the (N, d_out) output
         gates = route.gates * (self.scaling * self.rescale[k - 1])  # (N, E)
 
-        xd = self.dropout(xc)
-        E, r = self.num_experts, self.rank
-        h = F.linear(xd, self.lora_A.reshape(E * r, self.d_in).to(xc.dtype))  # (N, E*r)
         h = (h.view(n_tok, E, r) * gates.unsqueeze(-1).to(h.dtype)).view(n_tok, E * r)
         b_cat = self.lora_B.permute(1, 0, 2).reshape(self.d_out, E * r)  # (d_out, E*r)
         out = out + F.linear(h, b_cat.to(h.dtype))  # (N, d_out)
@@ -214,7 +249,8 @@ class MoLELinear(ExpertCounter, nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_in={self.d_in}, d_out={self.d_out}, experts={self.num_experts}, rank={self.rank}, "
-            f"rescale={self.rescale_mode}, renormalize={self.renormalize}, shared={self.shared_A is not None}"
+            f"router={self.router_type}, rescale={self.rescale_mode}, renormalize={self.renormalize}, "
+            f"shared={self.shared_A is not None}"
         )
 
 
@@ -223,7 +259,12 @@ def reference_forward(layer: MoLELinear, x: torch.Tensor) -> torch.Tensor:
     out = layer.base_layer(x)
     k = layer.routing.k
     xf = x.reshape(-1, layer.d_in)
-    logits = xf @ layer.router.t()
+    if layer.router is not None:
+        logits = xf @ layer.router.t()
+    else:  # key router, one expert at a time
+        query = xf @ layer.token_proj.t()  # (N, r)
+        logits = torch.stack([((xf @ layer.lora_A[j].t()) * query).sum(-1) for j in range(layer.num_experts)], -1)
+        logits = logits / math.sqrt(layer.rank)
     probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     vals, idx = probs.topk(k, dim=-1)
     if layer.renormalize:

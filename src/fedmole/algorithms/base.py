@@ -38,6 +38,26 @@ class Method:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type]
+    # [adapter] options the method's adapter reads, on a dense and on a sparse MoE base model
+    ADAPTER_OPTIONS: ClassVar[dict[str, frozenset[str]]] = {
+        "dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets", "router", "renormalize", "rescale",
+                            "shared_expert", "aux_loss_weight"}),
+        "moe": frozenset({"rank", "alpha", "dropout", "rescale", "train_router", "aux_loss_weight"}),
+    }
+
+    @classmethod
+    def adapter_options(cls, moe: bool) -> frozenset[str]:
+        return cls.ADAPTER_OPTIONS["moe" if moe else "dense"]
+
+    @classmethod
+    def ignored_reason(cls, key: str, moe: bool) -> str:
+        """Why this method ignores adapter option `key` (for the config error)."""
+        if moe and key in ("num_experts", "targets", "router", "renormalize", "shared_expert"):
+            return ("LoRA goes on the base model's own experts, and their number, router, gate normalisation "
+                    "and shared expert come from the model")
+        if key == "train_router":
+            return "only a sparse MoE base has a router to train"
+        return "this method's adapter has no such part"
 
     @classmethod
     def build_adapter(

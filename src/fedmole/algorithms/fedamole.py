@@ -154,6 +154,13 @@ class FedAMoLE(Method):
 
     name = "fedamole"
     Options = FedAMoLEOptions
+    # num_experts only bounds fed.tiers, which a shared config may set for the other methods
+    ADAPTER_OPTIONS = {"dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets", "aux_loss_weight"}),
+                       "moe": frozenset({"rank", "alpha", "dropout", "targets", "aux_loss_weight"})}
+
+    @classmethod
+    def ignored_reason(cls, key: str, moe: bool) -> str:
+        return "FedAMoLE's experts, router and shared expert are set in [fedamole] (pool_size, top_k, shared_expert)"
 
     @classmethod
     def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int],

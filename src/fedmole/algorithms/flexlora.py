@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmole.adapters.lora import truncate_lora
+from fedmole.adapters.lora import pair_keys, truncate_lora
 from fedmole.algorithms.aggregate import State
 from fedmole.algorithms.lora_common import LoRAMethod, stack_lora
 from fedmole.messages import Reply
@@ -36,32 +36,33 @@ class FlexLoRAOptions:
 
 
 def factored_svd(A_s: torch.Tensor, B_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of B_s A_s without forming it when R is small: (U (d_out, k), S (k,), Vh (k, d_in)).
+    """Thin SVD of B_s A_s without forming it when R is small: (U (..., d_out, k), S (..., k), Vh (..., k, d_in)).
 
-    A_s: (R, d_in), B_s: (d_out, R); k = min(R, d_out, d_in). Singular values descending.
+    A_s: (..., R, d_in), B_s: (..., d_out, R), leading dims batched (experts); k = min(R, d_out, d_in).
+    Singular values descending.
     """
-    R, (d_out, d_in) = A_s.shape[0], (B_s.shape[0], A_s.shape[1])
+    R, (d_out, d_in) = A_s.shape[-2], (B_s.shape[-2], A_s.shape[-1])
     if R >= min(d_out, d_in):
         return torch.linalg.svd(B_s @ A_s, full_matrices=False)
-    qb, rb = torch.linalg.qr(B_s)  # (d_out, R), (R, R)
-    qa, ra = torch.linalg.qr(A_s.t())  # (d_in, R), (R, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.t())  # B_s A_s = qb (rb ra^T) qa^T
-    return qb @ u, s, vh @ qa.t()
+    qb, rb = torch.linalg.qr(B_s)  # (..., d_out, R), (..., R, R)
+    qa, ra = torch.linalg.qr(A_s.transpose(-2, -1))  # (..., d_in, R), (..., R, R)
+    u, s, vh = torch.linalg.svd(rb @ ra.transpose(-2, -1))  # B_s A_s = qb (rb ra^T) qa^T
+    return qb @ u, s, vh @ qa.transpose(-2, -1)
 
 
 def svd_factors(
     U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (rank, d_in), B (d_out, rank)) with (alpha/rank) B A = the rank-`rank` truncation of U S Vh.
+    """(A (..., rank, d_in), B (..., d_out, rank)) with (alpha/rank) B A = the rank-`rank` truncation of U S Vh.
 
     The singular values are split as sqrt into both factors; missing components are zero.
     """
-    k = min(rank, S.shape[0])
-    c = (S[:k].clamp_min(0) * (rank / alpha)).sqrt()  # (k,)
-    A = torch.zeros(rank, Vh.shape[1], dtype=Vh.dtype)
-    B = torch.zeros(U.shape[0], rank, dtype=U.dtype)
-    A[:k] = c[:, None] * Vh[:k]
-    B[:, :k] = U[:, :k] * c
+    k = min(rank, S.shape[-1])
+    c = (S[..., :k].clamp_min(0) * (rank / alpha)).sqrt()  # (..., k)
+    A = torch.zeros(*Vh.shape[:-2], rank, Vh.shape[-1], dtype=Vh.dtype)
+    B = torch.zeros(*U.shape[:-1], rank, dtype=U.dtype)
+    A[..., :k, :] = c[..., :, None] * Vh[..., :k, :]
+    B[..., :k] = U[..., :k] * c[..., None, :]
     return A, B
 
 
@@ -72,10 +73,12 @@ def aggregate_flexlora(states: Sequence[State], sizes: Sequence[int], alpha: flo
     `like` gives the output dtypes (the previous global state).
     """
     new: State = {}
-    for module, (A_s, B_s) in stack_lora(states, sizes, alpha).items():
+    keys = pair_keys(like)
+    for pid, (A_s, B_s) in stack_lora(states, sizes, alpha).items():
         A, B = svd_factors(*factored_svd(A_s, B_s), max_rank, alpha)
-        new[f"{module}.lora_A"] = A.to(like[f"{module}.lora_A"].dtype)
-        new[f"{module}.lora_B"] = B.to(like[f"{module}.lora_B"].dtype)
+        a_key, b_key = keys[pid]
+        new[a_key] = A.to(like[a_key].dtype)
+        new[b_key] = B.to(like[b_key].dtype)
     return new
 
 

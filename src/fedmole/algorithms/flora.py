@@ -10,14 +10,16 @@ B_s A_s = sum_i p_i (alpha/r_i) B_i A_i exactly, for any mix of ranks. The
 product is merged into the frozen base weights and every client starts the
 next round from a fresh LoRA (new random A, B = 0).
 
-Server state (checkpointed): the accumulated merged dW per module, the last
-round's stack and which merge version each client's base is known to hold.
-A client one merge behind gets the stack (`<m>.stack_A`, `<m>.stack_B`);
-one further behind (it missed rounds, or its reply was rejected) gets the
-whole merged dW (`<m>.merged`), which it installs instead. A client keeps
-its merged base delta in its store (one dense d_out x d_in tensor per module:
-what a real client's merged weights would hold), and evaluation uses the
-server's merged base with the fresh LoRA (B = 0).
+Server state (checkpointed): the accumulated merged dW per LoRA pair `p` (a
+module, or `<block>.gate_up` / `<block>.down` for the experts of a sparse MoE
+base, where dW is stacked over experts), the last round's stack and which
+merge version each client's base is known to hold. A client one merge behind
+gets the stack (`<p>.stack_A`, `<p>.stack_B`); one further behind (it missed
+rounds, or its reply was rejected) gets the whole merged dW (`<p>.merged`),
+which it installs instead. A client keeps its merged base delta in its store
+(what a real client's merged weights would hold; clients of one process that
+reach the same merge version share one copy, since it is the same tensor),
+and evaluation uses the server's merged base with the fresh LoRA (B = 0).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from fedmole.adapters.inject import split_key
-from fedmole.adapters.lora import LoRAAdapter, init_lora_A
+from fedmole.adapters.lora import LoRAAdapter, init_lora_A, is_lora_A, pair_keys
 from fedmole.algorithms.aggregate import State
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.algorithms.lora_common import LoRAMethod, stack_lora
@@ -48,13 +50,14 @@ def fresh_lora(shapes: Mapping[str, tuple[int, ...]], seed: int, rnd: int) -> St
     out: State = {}
     for key in sorted(shapes):  # draw order independent of the dict's order (checkpoints sort keys)
         shape, name = shapes[key], split_key(key)[1]
-        out[key] = init_lora_A(shape[0], shape[1], gen) if name == "lora_A" else torch.zeros(shape)
+        out[key] = init_lora_A(shape[-2], shape[-1], gen, lead=tuple(shape[:-2])) if is_lora_A(name) \
+            else torch.zeros(shape)
     return out
 
 
 def merge_stacks(merged: Mapping[str, torch.Tensor], stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                 shapes: Mapping[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """merged[m] + B_s A_s per module (float32), starting from zeros (shape (d_out, d_in)) for new modules."""
+                 shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """merged[p] + B_s A_s per LoRA pair (float32), from zeros (shape (..., d_out, d_in)) for new pairs."""
     out = {}
     for module, (A_s, B_s) in stacks.items():
         base = merged.get(module)
@@ -77,7 +80,7 @@ def apply_base_update(base: dict, version: int, update: State, target: int) -> t
     stacks = {split_key(k)[0] for k in update if k.endswith(".stack_A")}
     if stacks and version == target - 1:
         pairs = {m: (update[f"{m}.stack_A"], update[f"{m}.stack_B"]) for m in stacks}
-        shapes = {m: (B.shape[0], A.shape[1]) for m, (A, B) in pairs.items()}
+        shapes = {m: (*B.shape[:-1], A.shape[-1]) for m, (A, B) in pairs.items()}
         return merge_stacks(base, pairs, shapes), target
     raise RuntimeError(f"FLoRA base out of sync: client holds merge version {version}, server is at {target}, "
                        f"and the update carries {'one merge' if stacks else 'nothing'}")
@@ -93,10 +96,11 @@ class FLoRA(LoRAMethod):
 
     def __init__(self, options, adapter: LoRAAdapter, tiers: list[int], seed: int):
         super().__init__(options, adapter, tiers, seed)
-        self.dims = {m: (self.shapes[f"{m}.lora_B"][0], self.shapes[f"{m}.lora_A"][1])
-                     for m in (split_key(k)[0] for k in self.shapes if k.endswith(".lora_A"))}  # (d_out, d_in)
-        self.merged: dict[str, torch.Tensor] = {}  # module -> accumulated dW (d_out, d_in)
-        self.stack: State = {}  # the last merge: <m>.stack_A (R, d_in), <m>.stack_B (d_out, R)
+        self.dims = {p: (*self.shapes[b][:-1], self.shapes[a][-1])
+                     for p, (a, b) in pair_keys(self.shapes).items()}  # pair -> (..., d_out, d_in)
+        self.merged: dict[str, torch.Tensor] = {}  # pair -> accumulated dW (..., d_out, d_in)
+        self.stack: State = {}  # the last merge: <p>.stack_A (..., R, d_in), <p>.stack_B (..., d_out, R)
+        self._bases: dict[int, dict] = {}  # client side: merged base per version, shared by in-sync clients
         self.version = 0  # merges done
         self.synced = [0] * len(tiers)  # merge version each client's base is known to hold
 
@@ -143,8 +147,12 @@ class FLoRA(LoRAMethod):
     # -- client side ---------------------------------------------------------
     def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
         update = {k: v for k, v in instruction.state.items() if split_key(k)[1] in BASE_TENSORS}
-        base, version = apply_base_update(rt.store.get("merged", {}), rt.store.get("base_version", 0), update,
-                                          instruction.config["base_version"])
+        target, held = instruction.config["base_version"], rt.store.get("base_version", 0)
+        if target in self._bases and held in (target, target - 1) and not any(k.endswith(".merged") for k in update):
+            base, version = self._bases[target], target  # another client of this process built it already
+        else:
+            base, version = apply_base_update(rt.store.get("merged", {}), held, update, target)
+            self._bases = {version: base}  # older versions are no longer sent
         rt.store["merged"], rt.store["base_version"] = base, version
         rt.adapter.set_merged(base)
         lora = {k: v for k, v in instruction.state.items() if k not in update}

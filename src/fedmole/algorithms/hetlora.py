@@ -8,8 +8,9 @@ The server zero-pads every reply back to r_max and averages per module with
 weights w_i = ||B_i A_i||_F (larger updates count more), normalised over all
 replying clients, so rows only high-rank clients train are averaged with the
 low-rank clients' zeros, as in the paper. If every weight of a module is zero
-(no client moved B), the module falls back to FedAvg by |D_i|. The paper's
-optional rank self-pruning is not implemented.
+(no client moved B), the module falls back to FedAvg by |D_i|. On a sparse MoE
+base every expert's LoRA is its own module: its weights are the per-expert
+norms ||B_ie A_ie||_F. The paper's optional rank self-pruning is not implemented.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedmole.adapters.lora import lora_pairs, pad_lora
-from fedmole.algorithms.aggregate import State, weighted_average
+from fedmole.adapters.lora import lora_pairs, pad_lora, pair_keys
+from fedmole.algorithms.aggregate import State, per_row_average, weighted_average
 from fedmole.algorithms.lora_common import LoRAMethod
 from fedmole.messages import Reply
 
@@ -30,30 +31,36 @@ class HetLoRAOptions:
     """Options of HetLoRA (`[hetlora]` table); it has none beyond [adapter] and [fed]."""
 
 
-def product_norm(A: torch.Tensor, B: torch.Tensor) -> float:
-    """||B A||_F without forming the (d_out, d_in) product: sqrt(sum((B^T B) * (A A^T))).
+def product_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """||B A||_F without forming the (d_out, d_in) product: sqrt(sum((B^T B) * (A A^T))), float64.
 
-    A: (r, d_in), B: (d_out, r).
+    A: (..., r, d_in), B: (..., d_out, r); returns a tensor of the leading shape (a scalar for one pair).
     """
     a, b = A.to(torch.float64), B.to(torch.float64)
-    return float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0).sqrt())
+    gram = (b.transpose(-2, -1) @ b) * (a @ a.transpose(-2, -1))  # (..., r, r)
+    return gram.sum((-2, -1)).clamp_min(0.0).sqrt()
 
 
 def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: int) -> State:
     """New rank-`max_rank` global state from rank-r_i client states (pure).
 
-    Per module m: A = sum_i w_i pad(A_i) / sum_i w_i, B likewise, w_i = ||B_i A_i||_F.
+    Per LoRA pair: A = sum_i w_i pad(A_i) / sum_i w_i, B likewise, w_i = ||B_i A_i||_F
+    (per expert for stacked MoE pairs).
     """
     padded = [pad_lora(s, max_rank) for s in states]
     pairs = [lora_pairs(s) for s in states]
     new: State = {}
-    for module in pairs[0]:
-        w = [product_norm(*p[module]) for p in pairs]
-        if sum(w) <= 0:
-            w = [float(n) for n in sizes]
-        for name in ("lora_A", "lora_B"):
-            key = f"{module}.{name}"
-            new[key] = weighted_average([p[key] for p in padded], w)
+    for pid, keys in pair_keys(states[0]).items():
+        w = torch.stack([product_norm(*p[pid]) for p in pairs])  # (C,) or (C, E)
+        fallback = torch.as_tensor([float(n) for n in sizes], dtype=torch.float64)
+        if w.dim() == 1:
+            weights = (w if w.sum() > 0 else fallback).tolist()
+            for key in keys:
+                new[key] = weighted_average([p[key] for p in padded], weights)
+        else:  # one LoRA per expert: an expert nobody moved falls back to FedAvg by size
+            w = torch.where(w.sum(0, keepdim=True) > 0, w, fallback[:, None])
+            for key in keys:
+                new[key] = per_row_average([p[key] for p in padded], w, padded[0][key])
     return new
 
 

@@ -14,7 +14,8 @@ from typing import ClassVar
 
 import torch
 
-from fedmole.adapters.lora import LoRAAdapter, LoRAConfig, inject_lora, lora_pairs, truncate_lora
+from fedmole.adapters.inject import split_key
+from fedmole.adapters.lora import LoRAAdapter, LoRAConfig, inject_lora, is_lora_A, lora_pairs, truncate_lora
 from fedmole.algorithms.base import ClientRuntime, Method
 from fedmole.algorithms.validate import check_reply
 from fedmole.messages import Instruction, Reply, State
@@ -26,12 +27,27 @@ class LoRAMethod(Method):
     # FlexLoRA and FLoRA re-factorise (or restart) the adapter every round, so Adam moments from
     # the previous round describe other coordinates; the others keep them, as FLAME does.
     fresh_optimizer: ClassVar[bool] = False
+    ADAPTER_OPTIONS = {"dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets"}), "moe": frozenset({"rank", "alpha", "dropout"})}
+
+    @classmethod
+    def ignored_reason(cls, key: str, moe: bool) -> str:
+        if moe and key == "targets":
+            return "on an MoE base the LoRA goes on the base model's experts"
+        if moe and key == "num_experts":
+            return "the experts come from the base model"
+        return "a single LoRA has no router, experts beyond the base model's, shared expert or tier rescaler"
 
     @classmethod
     def build_adapter(
         cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int], options=None
     ) -> LoRAAdapter:
-        """Plain LoRA of rank adapter.rank * max(tiers); tier k runs rank adapter.rank * k."""
+        """Plain LoRA of rank adapter.rank * max(tiers); tier k runs rank adapter.rank * k. On a sparse
+        MoE base: a LoRA on every expert, rank adapter.rank, every client running the model's full top-k
+        with per-expert rank adapter.rank * k / top_k (`inject_moe_lora_ranked`)."""
+        from fedmole.adapters.moe_lora import inject_moe_lora_ranked, is_moe_model
+
+        if is_moe_model(model):
+            return inject_moe_lora_ranked(model, adapter_cfg, seed, k_max=max(tiers))
         return inject_lora(model, LoRAConfig(
             rank=adapter_cfg.rank * max(tiers), rank_per_tier=adapter_cfg.rank, alpha=adapter_cfg.alpha,
             dropout=adapter_cfg.dropout, targets=list(adapter_cfg.targets), init_seed=seed,
@@ -63,9 +79,9 @@ class LoRAMethod(Method):
         return [Instruction(rnd, c, self.client_view(global_state, c), self.tiers[c]) for c in client_ids]
 
     def expected_reply(self, client_id: int) -> dict[str, tuple[int, ...]]:
-        """Key -> shape of the reply of `client_id`: its rank-r view."""
+        """Key -> shape of the reply of `client_id`: its rank-r view (rank: dim -2 of A, dim -1 of B)."""
         r = self.ranks[client_id]
-        return {key: (r, shape[1]) if key.endswith(".lora_A") else (shape[0], r)
+        return {key: (*shape[:-2], r, shape[-1]) if is_lora_A(split_key(key)[1]) else (*shape[:-1], r)
                 for key, shape in self.shapes.items()}
 
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
@@ -94,11 +110,12 @@ class LoRAMethod(Method):
 def stack_lora(
     states: Sequence[State], weights: Sequence[float], alpha: float
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module, the stacked factors of sum_i p_i (alpha/r_i) B_i A_i with p_i = w_i / sum(w) (pure).
+    """Per LoRA pair, the stacked factors of sum_i p_i (alpha/r_i) B_i A_i with p_i = w_i / sum(w) (pure).
 
-    Returns module -> (A_s (R, d_in), B_s (d_out, R)) in float64, R = sum_i r_i, with
+    Returns pair -> (A_s (..., R, d_in), B_s (..., d_out, R)) in float64, R = sum_i r_i, with
     A_s = [A_1; ...; A_n] and B_s = [p_1 (alpha/r_1) B_1, ..., p_n (alpha/r_n) B_n], so that
     B_s A_s is the weighted sum of the clients' effective updates exactly, whatever their ranks.
+    Leading dims (experts of an MoE block) are carried through.
     """
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     if len(states) != len(w) or not states or w.sum() <= 0:
@@ -111,6 +128,6 @@ def stack_lora(
         for p_i, pair in zip(p.tolist(), pairs):
             A, B = (t.to(torch.float64) for t in pair[module])
             As.append(A)
-            Bs.append(B * (p_i * alpha / A.shape[0]))
-        out[module] = (torch.cat(As, 0), torch.cat(Bs, 1))
+            Bs.append(B * (p_i * alpha / A.shape[-2]))
+        out[module] = (torch.cat(As, -2), torch.cat(Bs, -1))
     return out

@@ -12,7 +12,9 @@ import torch
 from fedmole.adapters.inject import MoLEAdapter
 from fedmole.algorithms import METHODS, Method
 from fedmole.algorithms.base import ClientRuntime
-from fedmole.config import Config, assign_tiers
+from fedmole.adapters.moe_lora import is_moe_model
+from fedmole.assets import model_kind
+from fedmole.config import Config, assign_tiers, check_adapter_options
 from fedmole.data import partition as partitioning
 from fedmole.data.splits import build_clients
 from fedmole.data.synthetic import synthetic_examples
@@ -106,6 +108,8 @@ class Setup:
         self.autocast = pick_autocast(cfg.run.autocast, self.device)
         self.tiers = assign_tiers(cfg)
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
+        if model_kind(cfg.model.name) is None:  # a hub model: only now is it known whether it is sparse
+            check_adapter_options(cfg, moe=is_moe_model(self.model))
         method_cls = METHODS[cfg.run.method]
         self.adapter: MoLEAdapter = method_cls.build_adapter(
             self.model, cfg.adapter, cfg.run.seed, self.tiers, cfg.method_options()
