@@ -123,6 +123,7 @@ class LocalEngine:
             "final_state_sha256": state_sha256(trained),
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
+            "data": self.setup.data_summary,
         }
         out.write_summary(summary)
         from fedmole.reporting.report import write_report
