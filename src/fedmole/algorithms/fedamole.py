@@ -153,6 +153,7 @@ class FedAMoLE(Method):
     key-based routing, RSEA expert-to-client assignment, personalised evaluation."""
 
     name = "fedamole"
+    personalized = True
     Options = FedAMoLEOptions
 
     @classmethod

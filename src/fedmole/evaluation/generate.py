@@ -116,7 +116,7 @@ def greedy_generate(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="generate", unit="batch")
+        batches = tqdm(batches, desc="generate", unit="batch", leave=False)
 
     results: list[list[int]] = [[] for _ in prompts]
     with _eval_mode(model), torch.inference_mode(), _autocast(device, autocast_dtype):
@@ -156,8 +156,9 @@ def evaluate_generation(
     max_new_tokens: int,
     batch_size: int,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Generate for every example and score against its references.
+    """Generate for every example and score against its references (`progress`: a bar per batch).
 
     Returns {"rouge_l", "exact_match", "n", "predictions"}, predictions in
     the order of `examples`.
@@ -171,6 +172,7 @@ def evaluate_generation(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         autocast_dtype=autocast_dtype,
+        progress=progress,
     )
     predictions = [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in outputs]
     result = score(predictions, [ex.outputs for ex in examples])
