@@ -59,8 +59,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = opt("natural-instructions", "natural-instructions, a .jsonl/.json/.csv file, or hf:NAME[:split]")
-    partition: str = opt("task", "how examples are split over clients", choices=("task", "dirichlet", "iid"))
+    source: str = opt("natural-instructions", "natural-instructions, synthetic, hf:NAME[:split], or a .jsonl/.json/.csv "
+                      "file with fields instruction, input, output (text or list), category, task (default: the "
+                      "category)")
+    partition: str = opt("task", "how examples are split over clients: task (one task per client), dirichlet "
+                         "(over categories), iid", choices=("task", "dirichlet", "iid"))
     num_clients: int = opt(6, "number of clients", range=(1, None))
     tasks: list[str] = opt(None, "tasks to use (task partition: one per client); empty = seeded pick",
                            factory=list)
@@ -241,8 +244,8 @@ def named_configs() -> dict[str, Any]:
     from importlib.resources import files
 
     root = files("fedmole") / "configs"
-    return {f.name.removesuffix(".toml"): f for f in sorted(root.iterdir(), key=lambda f: f.name)
-            if f.name.endswith(".toml")}
+    found = {f.name.removesuffix(".toml"): f for f in root.iterdir() if f.name.endswith(".toml")}
+    return dict(sorted(found.items()))
 
 
 def read_config_text(path: str | Path) -> str:

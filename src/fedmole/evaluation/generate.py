@@ -10,6 +10,7 @@ options by language-model loss.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -18,6 +19,8 @@ from transformers import GenerationConfig
 
 from fedmole.data.types import Example
 from fedmole.evaluation.metrics import score
+
+log = logging.getLogger(__name__)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -131,6 +134,8 @@ def greedy_generate(
             new_tokens = out[:, input_ids.shape[1] :].tolist()
             for i, toks in zip(idx, new_tokens):
                 results[i] = _cut_at_eos(toks, eos)
+            log.debug("generated batch %d/%d (%d prompts)", start // batch_size + 1,
+                      -(-len(order) // batch_size), len(idx))
     return results
 
 
