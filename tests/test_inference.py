@@ -29,6 +29,26 @@ def test_views_follow_client_and_tier(flame_run):
         load_run(flame_run, tier=9)
 
 
+@pytest.mark.parametrize("method", ["flame", "fedamole"])
+def test_scoring_a_clients_test_split_reproduces_the_runs_own_evaluation(flame_run, tmp_path, method):
+    import json
+
+    from fedmole.config import assign_tiers
+    from fedmole.engine.setup import load_clients
+
+    run = flame_run
+    if method == "fedamole":  # personalised: each client's own model, from the last checkpoint
+        run = tmp_path / "fedamole"
+        run_local(load_config(flame_run / "config.toml", ["method=fedamole", "fedamole.pool_size=6",
+                                                          "fedamole.max_experts=4"]), run)
+    cfg = load_config(run / "config.toml")
+    clients, _ = load_clients(cfg, assign_tiers(cfg))
+    scored = json.loads((run / "summary.json").read_text())["per_client"]
+    for c in clients:
+        res = load_run(run, client=c.name).evaluate(c.test)
+        assert res["rouge_l"] == pytest.approx(scored[c.name]["rouge_l"]), c.name
+
+
 def test_generate_and_evaluate_use_the_training_encoding(flame_run):
     loaded = load_run(flame_run)
     answer = loaded.generate("Write the first word.", "red blue", max_new_tokens=3)

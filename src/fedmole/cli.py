@@ -117,13 +117,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from fedmole.console import bars_enabled
     from fedmole.inference import load_run, read_examples
 
     examples = read_examples(args.data)  # read and checked before the model loads
     if args.limit:
         examples = examples[: args.limit]
     loaded = load_run(args.run_dir, client=args.client, tier=args.tier)
-    res = loaded.evaluate(examples, max_new_tokens=args.max_new_tokens, progress=True)
+    res = loaded.evaluate(examples, max_new_tokens=args.max_new_tokens, progress=bars_enabled(True))
     who = f", client {loaded.client.name}" if loaded.client else ""
     line = f"ROUGE-L {res['rouge_l']:.2f}   exact match {res['exact_match']:.2f}"
     if "accuracy" in res:
