@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a run's trained model on a JSONL / JSON / CSV file")
     ev.add_argument("run_dir")
-    ev.add_argument("--data", required=True, help="file of instruction/input/output rows (options: accuracy too)")
+    ev.add_argument("--data", required=True, help="JSONL / JSON / CSV file of instruction/input/output rows")
     ev.add_argument("--limit", type=int, help="score only the first N rows")
     ev.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
     _view_options(ev)
