@@ -80,8 +80,7 @@ def merged_model(loaded) -> nn.Module:
             state.update({prefix + key: value for key, value in _moe_weights(layer, k).items()})
     if kind == "moe-lora":
         config.num_experts_per_tok = k
-    with torch.device("cpu"):
-        plain = type(model)(config)
+    plain = type(model)(config)
     plain.load_state_dict(state, strict=True)
     plain.eval()
     return plain

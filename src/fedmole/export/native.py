@@ -171,8 +171,7 @@ def load_adapter(model: nn.Module, path: str | Path, tier: int | None = None) ->
         if not 1 <= k <= limit:
             raise ExportError(f"tier={k}: this adapter activates 1..{limit} experts per token")
     if kind == "lora":
-        adapter.fix_rank(settings["rank"])
-        adapter.active.rank = settings["rank"]
+        adapter.fix_rank(settings["rank"])  # the layers already run this rank; route(k) keeps it too
     else:
         adapter.routing.k = k if kind != "amole" else settings["top_k"]
     model.eval()
