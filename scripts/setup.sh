@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root and install fedmole with its pinned
-# dependencies. Idempotent: a second run only checks what is installed.
+# Create .venv in the repository root and install fedmole with the exact
+# dependency versions of constraints.txt. Idempotent: a second run only
+# checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first and pinned: an unpinned torch (or one pulled in by another
-# package) brings several GB of CUDA libraries on Linux.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,bench,flower]"
+# package) brings several GB of CUDA libraries on Linux. constraints.txt holds
+# the exact versions of every dependency (pyproject.toml has ranges only).
+.venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,bench,flower,tensorboard]"

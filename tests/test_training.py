@@ -16,3 +16,44 @@ def test_answer_loss_matches_the_models_loss():
     labels[mask == 0] = -100
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     torch.testing.assert_close(answer_loss(model, batch), model(**batch).loss)
+
+
+class _Batches:
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next(self):
+        return self.batch
+
+
+def _rescaler_run(rescale_lr, weight_decay=0.0, steps=12):
+    from fedmole.adapters.inject import MoLEConfig, inject_mole
+    from fedmole.training import LocalTrainer
+
+    model = tiny_llama(320, seed=0)
+    adapter = inject_mole(model, MoLEConfig(num_experts=4, rank=2, dropout=0.0), k_max=4)
+    with torch.no_grad():  # experts that already contribute, so the rescaler has a gradient
+        for layer in adapter.layers.values():
+            layer.lora_B.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 320, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    trainer = LocalTrainer(steps=steps, lr=1e-3, weight_decay=weight_decay, grad_clip=0.0, aux_weight=0.0,
+                           device=torch.device("cpu"), rescale_lr=rescale_lr)
+    start = torch.stack([layer.rescale.detach().clone() for layer in adapter.layers.values()])
+    store = {}
+    trainer.train(adapter, _Batches(batch), k=1, store=store)
+    end = torch.stack([layer.rescale.detach() for layer in adapter.layers.values()])
+    return start, end, store["optimizer"]["param_groups"]
+
+
+def test_learned_rescalers_have_their_own_rate_and_no_weight_decay():
+    start, slow, _ = _rescaler_run(rescale_lr=None)  # the LoRA rate: about 1% of the start at most
+    assert ((slow - start)[:, 0].abs() / start[:, 0]).max() < 0.02
+    _, fast, _ = _rescaler_run(rescale_lr=0.05)
+    assert ((fast - start)[:, 0].abs() / start[:, 0]).max() > 0.05
+    assert torch.equal(fast[:, 1:], start[:, 1:])  # only the trained tier's entry moves
+    _, _, groups = _rescaler_run(rescale_lr=0.05, weight_decay=0.5, steps=1)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [(1e-3, 0.5, 4 * 3), (0.05, 0.0, 4)]  # 2 layers x q, v

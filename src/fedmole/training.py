@@ -41,7 +41,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class LocalTrainer:
-    """AdamW on the adapter tensors; loss on answer tokens plus the load-balancing loss."""
+    """AdamW on the adapter tensors; loss on answer tokens plus the load-balancing loss.
+
+    Learned tier rescalers get their own parameter group (`rescale_lr`, no weight
+    decay): each is one scalar per tier and module, which at the LoRA rate moves
+    by well under 1% in a short local budget, and decay would pull it towards 0
+    instead of its k_ref/k start.
+    """
 
     steps: int
     lr: float
@@ -50,6 +56,7 @@ class LocalTrainer:
     aux_weight: float
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    rescale_lr: float | None = None  # None: the LoRA rate
 
     def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, params=None) -> float:
         """Run `steps` optimizer steps with k active experts; return the mean loss.
@@ -59,7 +66,12 @@ class LocalTrainer:
         subset of the adapter tensors (default: all).
         """
         params = list(adapter.parameters()) if params is None else list(params)
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        rescalers = {id(p) for p in adapter.rescale_parameters()}
+        groups = [{"params": [p for p in params if id(p) not in rescalers]}]
+        scales = [p for p in params if id(p) in rescalers]
+        if scales:
+            groups.append({"params": scales, "lr": self.rescale_lr or self.lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         if "optimizer" in store:
             optimizer.load_state_dict(store["optimizer"])
         model = adapter.model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_load_jsonl(tmp_path):
     path = write(tmp_path, "d.jsonl", json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
     assert load_examples(str(path)) == [
         Example("Say hi.", "", ("hi",), "chat", "greet"),
-        Example("Add.", "1 + 1", ("2", "two"), "", ""),
+        Example("Add.", "1 + 1", ("2", "two"), "", "default"),  # neither task nor category: the one default task
     ]
 
 
@@ -53,7 +54,7 @@ def test_load_json_and_csv(tmp_path):
     expected = [Example("Add.", "1 + 1", ("2",), "math", "add")]
     assert load_examples(str(write(tmp_path, "d.json", json.dumps(rows)))) == expected
     csv_text = 'instruction,input,output,category,task\nAdd.,1 + 1,2,math,add\n"Say ""hi"",\nplease",,hi,,\n'
-    assert load_examples(str(write(tmp_path, "d.csv", csv_text))) == expected + [Example('Say "hi",\nplease', "", ("hi",))]
+    assert load_examples(str(write(tmp_path, "d.csv", csv_text))) == expected + [Example('Say "hi",\nplease', "", ("hi",), "", "default")]
 
 
 @pytest.mark.parametrize(
@@ -158,6 +159,27 @@ def test_select_tasks_is_seeded_and_order_free():
     assert len(select_tasks(pool, None, 50, seed=0)) == 60
     with pytest.raises(DataError, match=r"unknown task\(s\) \['t9'\]; 3 tasks available, e.g. t0, t1, t2"):
         select_tasks(pool, ["t9"], None, seed=0)
+
+
+def test_missing_task_falls_back_to_category_then_one_task(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fedmole")
+    rows = [{"instruction": "Q.", "output": "a", "category": f"c{i % 3}"} for i in range(9)]
+    rows.append({"instruction": "Q.", "output": "a", "category": "c0", "task": "own"})
+    rows.append({"instruction": "Q.", "output": "a"})
+    path = write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows))
+    tasks = Counter(ex.task for ex in load_examples(str(path)))
+    assert tasks == {"c0": 3, "c1": 3, "c2": 3, "own": 1, "default": 1}
+    assert "9 of 11 rows have no `task` field: their `category` is their task" in caplog.text
+    assert "1 of 11 rows have neither `task` nor `category`: they form one task 'default'" in caplog.text
+
+
+def test_a_cap_that_drops_rows_says_how_many(caplog):
+    caplog.set_level("INFO", logger="fedmole")
+    select_tasks(_pool(), None, 20, seed=0)
+    assert "max_per_task" not in caplog.text  # nothing dropped, nothing said
+    select_tasks(_pool(), ["t0", "t1"], 8, seed=0)
+    assert "data.tasks keeps 2 of 3 tasks: 20 rows of the other tasks left out" in caplog.text
+    assert "data.max_per_task = 8 keeps 16 of 40 rows (24 dropped, in 2 of 2 tasks)" in caplog.text
 
 
 def test_definition_only():

@@ -99,3 +99,37 @@ def test_too_few_replies_stops_with_a_clear_message(tmp_path):
     engine.method.client_update = fail_one
     with pytest.raises(RoundFailed, match="5 acceptable replies, fed.min_clients = 6"):
         engine.run()
+
+
+def test_category_only_file_reaches_every_client_and_the_summary_says_how(tmp_path, caplog):
+    caplog.set_level("INFO", logger="fedmole")
+    cats = ["order", "select", "count", "case", "math", "misc"]
+    rows = [{"instruction": f"Task {c}.", "input": f"x{i}", "output": f"y{i}", "category": c}
+            for c in cats for i in range(30)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    # the tiny config's data.max_per_task = 48 keeps all 30 rows of every task; the default partition is `task`
+    summary = run_local(tiny_cfg("rounds=1", f"data.source='{data}'", "data.max_test=0"), tmp_path / "run")
+    d = summary["data"]
+    assert (d["rows_loaded"], d["rows_assigned"], d["rows_used"]) == (180, 180, 180)  # every row reaches a client
+    assert sorted(c["tasks"][0] for c in d["clients"]) == sorted(cats)
+    for c in d["clients"]:
+        assert c["train"] + c["val"] + c["test"] + c["aux"] == 30 and c["val"] >= 1 and c["test"] >= 1
+        assert c["categories"] == {c["tasks"][0]: 30} and c["name"] == c["tasks"][0]
+    assert [c["tier"] for c in d["clients"]] == [4, 4, 2, 2, 1, 1]
+    assert "180 rows have no `task` field: their `category` is their task" in caplog.text
+    assert "| count | " in (tmp_path / "run" / "report.md").read_text()  # report.md shows the partition
+
+
+def test_data_errors_surface_before_the_model_loads(tmp_path, monkeypatch):
+    from fedmole.data.sources import DataError
+    from fedmole.engine import setup
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(setup, "load_base", no_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\n')
+    with pytest.raises(DataError, match="bad.jsonl:1: missing required field 'output'"):
+        LocalEngine(tiny_cfg(f"data.source='{bad}'"), tmp_path / "run")

@@ -104,6 +104,10 @@ class MoLEAdapter:
     def parameters(self) -> list[nn.Parameter]:
         return [getattr(layer, name) for layer in self.layers.values() for name in layer.adapter_names()]
 
+    def rescale_parameters(self) -> list[nn.Parameter]:
+        """The learned tier rescalers (trained in their own optimizer group)."""
+        return [layer.rescale for layer in self.layers.values() if "rescale" in layer.adapter_names()]
+
     def state_dict(self) -> State:
         """Detached CPU copies of every adapter tensor, keyed `<module>.<name>`."""
         return {

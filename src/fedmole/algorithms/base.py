@@ -59,6 +59,9 @@ class Method:
             return "only a sparse MoE base has a router to train"
         return "this method's adapter has no such part"
 
+    # evaluated on each client's own model (kept in its runtime store), not on the global state
+    personalized: ClassVar[bool] = False
+
     @classmethod
     def build_adapter(
         cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int], options=None
@@ -103,6 +106,10 @@ class Method:
     def final_state(self, global_state: State) -> State:
         """The tensors that make up the trained model (saved as adapter.safetensors and hashed)."""
         return global_state
+
+    def load_final_state(self, saved: State) -> State:
+        """The inverse of `final_state` for a saved run: restore what it added, return the global state."""
+        return dict(saved)
 
     def state_dict(self) -> dict:
         """Cross-round server state (for checkpoints)."""

@@ -153,6 +153,7 @@ class FedAMoLE(Method):
     key-based routing, RSEA expert-to-client assignment, personalised evaluation."""
 
     name = "fedamole"
+    personalized = True
     Options = FedAMoLEOptions
     # num_experts only bounds fed.tiers, which a shared config may set for the other methods
     ADAPTER_OPTIONS = {"dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets", "aux_loss_weight"}),

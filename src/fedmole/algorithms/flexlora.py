@@ -112,6 +112,11 @@ class FlexLoRA(LoRAMethod):
         return aggregate_flexlora([r.state for r in replies], [r.num_examples for r in replies], self.alpha,
                                   self.max_rank, previous)
 
+    def load_final_state(self, saved: State) -> State:
+        """A saved final state holds SVD factors: every finished run aggregated at least once."""
+        self.factored = True
+        return dict(saved)
+
     def state_dict(self) -> dict:
         return {"factored": self.factored}
 

@@ -134,6 +134,11 @@ class FLoRA(LoRAMethod):
         """The fresh LoRA plus every module's merged base delta: the whole trained update."""
         return {**global_state, **{f"{m}.merged": d.clone() for m, d in self.merged.items()}}
 
+    def load_final_state(self, saved: State) -> State:
+        """Take the merged base deltas back out of a saved final state; the rest is the global LoRA."""
+        self.merged = {split_key(k)[0]: v.clone() for k, v in saved.items() if split_key(k)[1] == "merged"}
+        return {k: v for k, v in saved.items() if split_key(k)[1] != "merged"}
+
     def state_dict(self) -> dict:
         return {"merged": dict(self.merged), "stack": dict(self.stack), "version": self.version,
                 "synced": list(self.synced)}

@@ -27,6 +27,7 @@ class LocalOnly(LoRAMethod):
     rank-(adapter.rank * tier) LoRA."""
 
     name = "local"
+    personalized = True
     Options = LocalOptions
 
     def __init__(self, options, adapter, tiers, seed):

@@ -4,8 +4,10 @@ a user file (JSONL / JSON / CSV), or a Hugging Face `datasets` name."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+import logging
 import re
 import zlib
 from collections.abc import Iterable, Mapping
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmole.data.types import Example
+
+log = logging.getLogger(__name__)
 
 NI_SOURCE = "natural-instructions"
 INSTRUCTION_MODES = ("full", "definition")
@@ -38,6 +42,7 @@ _NI_SECTIONS = (
 )
 _SECTION_RE = re.compile(r"(?:^|\s)(?:" + "|".join(re.escape(s) for s in _NI_SECTIONS) + r")\s*:")
 _DEFINITION_RE = re.compile(r"^\s*Definition\s*:\s*")
+DEFAULT_TASK = "default"  # the one task of rows that name neither a task nor a category
 
 
 class DataError(ValueError):
@@ -66,9 +71,9 @@ def load_examples(
     if source == NI_SOURCE:
         examples = _load_natural_instructions(tasks, max_per_task, seed)
     elif source.startswith("hf:"):
-        examples = select_tasks(_load_hub(source), tasks, max_per_task, seed)
+        examples = select_tasks(default_tasks(_load_hub(source)), tasks, max_per_task, seed)
     elif source.lower().endswith(FILE_SUFFIXES):
-        examples = select_tasks(read_file(source), tasks, max_per_task, seed)
+        examples = select_tasks(default_tasks(read_file(source)), tasks, max_per_task, seed)
     else:
         raise DataError(f"unknown data source {source!r}; accepted: {ACCEPTED_SOURCES}")
     if instruction_mode == "definition":
@@ -86,17 +91,48 @@ def definition_only(instruction: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
+def default_tasks(examples: list[Example]) -> list[Example]:
+    """Give rows without a `task` their `category` as task, and rows with neither the task
+    DEFAULT_TASK; each substitution is logged with its row count."""
+    from_category = sum(1 for ex in examples if not ex.task and ex.category)
+    unlabelled = sum(1 for ex in examples if not ex.task and not ex.category)
+    if from_category:
+        log.info("%d of %d rows have no `task` field: their `category` is their task", from_category, len(examples))
+    if unlabelled:
+        log.info("%d of %d rows have neither `task` nor `category`: they form one task %r",
+                 unlabelled, len(examples), DEFAULT_TASK)
+    if not (from_category or unlabelled):
+        return examples
+    return [ex if ex.task else dataclasses.replace(ex, task=ex.category or DEFAULT_TASK) for ex in examples]
+
+
 def select_tasks(examples: list[Example], tasks: list[str] | None, max_per_task: int | None, seed: int) -> list[Example]:
-    """Keep the examples of `tasks` (in that order) and at most `max_per_task` of each."""
+    """Keep the examples of `tasks` (in that order) and at most `max_per_task` of each (drops are logged)."""
     by_task: dict[str, list[Example]] = {}
     for ex in examples:
         by_task.setdefault(ex.task, []).append(ex)
     if tasks is not None:
         _check_known(tasks, list(by_task))
+        left_out = sum(len(g) for t, g in by_task.items() if t not in tasks)
+        if left_out:
+            log.info("data.tasks keeps %d of %d tasks: %d rows of the other tasks left out",
+                     len(tasks), len(by_task), left_out)
         by_task = {t: by_task[t] for t in tasks}
     if max_per_task is None:
         return [ex for group in by_task.values() for ex in group]
-    return [ex for t, group in by_task.items() for ex in _sample(group, max_per_task, seed, t)]
+    kept = {t: _sample(group, max_per_task, seed, t) for t, group in by_task.items()}
+    log_cap(by_task, kept, max_per_task)
+    return [ex for group in kept.values() for ex in group]
+
+
+def log_cap(before: dict[str, list], after: dict[str, list], max_per_task: int) -> None:
+    """One line saying how many rows `max_per_task` dropped, in how many tasks (nothing when none)."""
+    dropped = sum(len(before[t]) - len(after[t]) for t in after)
+    if dropped:
+        capped = sum(len(before[t]) > len(after[t]) for t in after)
+        total = sum(len(before[t]) for t in after)
+        log.info("data.max_per_task = %d keeps %d of %d rows (%d dropped, in %d of %d tasks)",
+                 max_per_task, total - dropped, total, dropped, capped, len(after))
 
 
 def _sample(items: list, k: int, seed: int, task: str) -> list:
@@ -130,11 +166,14 @@ def _load_natural_instructions(tasks: list[str] | None, max_per_task: int | None
     index = json.loads((root / "index.json").read_text())
     if tasks is not None:
         _check_known(tasks, list(index))
-    examples: list[Example] = []
+    before: dict[str, list[Example]] = {}
+    kept: dict[str, list[Example]] = {}
     for task in tasks if tasks is not None else list(index):
-        rows = read_file(root / f"{task}.jsonl")
-        examples.extend(rows if max_per_task is None else _sample(rows, max_per_task, seed, task))
-    return examples
+        before[task] = read_file(root / f"{task}.jsonl")
+        kept[task] = before[task] if max_per_task is None else _sample(before[task], max_per_task, seed, task)
+    if max_per_task is not None:
+        log_cap(before, kept, max_per_task)
+    return [ex for rows in kept.values() for ex in rows]
 
 
 # --------------------------------------------------------------------------- user files

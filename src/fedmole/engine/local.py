@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.config import Config
-from fedmole.engine.setup import Setup
+from fedmole.console import bars_enabled, round_line
+from fedmole.engine.setup import Setup, describe_setup
 from fedmole.evaluation.generate import evaluate_generation
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
 from fedmole.reporting.rundir import RunDir
+from fedmole.reporting.tracker import open_tracker
 
 log = logging.getLogger("fedmole")
 
@@ -46,13 +48,16 @@ class LocalEngine:
         self.out = RunDir(run_dir)
         self.setup = Setup(cfg)
         self.method = self.setup.method
-        self.progress = cfg.run.progress
+        self.progress = bars_enabled(cfg.run.progress)
 
     # -- the round loop --------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """Run every round (or, with `resume`, continue after the last good checkpoint)."""
         cfg, out = self.cfg, self.out
         started = time.perf_counter()
+        for line in describe_setup(self.setup, self.name, out.path):
+            log.info(line)
+        tracker = open_tracker(cfg.run.tracker, out.path, cfg.to_dict())
         restored = self.restore() if resume else None
         if restored:
             first, global_state, before, comm, spent = restored
@@ -61,7 +66,10 @@ class LocalEngine:
             global_state = self.method.initial_state(self.setup.adapter)
             before = self.evaluate(global_state, rnd=0)
             out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
+            tracker.log({"round": 0, **_headline(before)})
+            log.info("before training: rouge_l %.2f, exact_match %.2f", before["rouge_l"], before["exact_match"])
             first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
+        loop_started = time.perf_counter()
         last_replies: list[Reply] = []
         evaluation = None
 
@@ -101,8 +109,9 @@ class LocalEngine:
             }
             self.checkpoint(rnd, global_state, before, comm, spent + time.perf_counter() - started)  # checkpoint
             out.log_round(row)
-            log.info("round %d: loss %.4f%s", rnd, row["train_loss"],
-                     f", rouge_l {row['rouge_l']:.2f}" if "rouge_l" in row else "")
+            tracker.log(row)
+            per_round = (time.perf_counter() - loop_started) / (rnd - first + 1)
+            log.info(round_line(row, cfg.run.rounds, per_round * (cfg.run.rounds - rnd)))
             last_replies = accepted
 
         final = evaluation if evaluation is not None else self.evaluate(global_state, cfg.run.rounds)
@@ -123,8 +132,10 @@ class LocalEngine:
             "final_state_sha256": state_sha256(trained),
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
+            "data": self.setup.data_summary,
         }
         out.write_summary(summary)
+        tracker.close()
         from fedmole.reporting.report import write_report
 
         write_report(out.path)
@@ -191,6 +202,8 @@ class LocalEngine:
                 failures[rt.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
                 continue
             reply.metrics.setdefault("seconds", round(seconds, 3))
+            log.debug("round %d: client %d (k=%d) trained, loss %.4f, %.2f s", rnd, rt.client_id, rt.tier,
+                      reply.train_loss, seconds)
             bar.set_postfix(loss=f"{reply.train_loss:.3f}")
             replies.append(reply)
         return replies, failures
@@ -243,7 +256,9 @@ def evaluate_client(setup: Setup, rt: ClientRuntime, global_state: State) -> dic
         res = evaluate_generation(
             setup.model, setup.tokenizer, rt.data.test, setup.encode_prompt,
             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, autocast_dtype=setup.autocast,
+            progress=bars_enabled(setup.cfg.run.progress),
         )
+    log.debug("evaluated client %d (k=%d): rouge_l %.2f over %d examples", rt.client_id, k, res["rouge_l"], res["n"])
     return {"client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
             "exact_match": res["exact_match"], "n": res["n"]}
 

@@ -17,6 +17,7 @@ from fedmole.assets import model_kind
 from fedmole.config import Config, assign_tiers, check_adapter_options
 from fedmole.data import partition as partitioning
 from fedmole.data.splits import build_clients
+from fedmole.data.summary import data_summary
 from fedmole.data.synthetic import synthetic_examples
 from fedmole.data.tokenize import TrainBatches, collate_train, encode_prompt, encode_train
 from fedmole.data.types import ClientData, Example
@@ -82,6 +83,12 @@ def _pick_ni_tasks(n: int, seed: int) -> list[str]:
 
 
 def build_client_data(cfg: Config) -> list[ClientData]:
+    return load_clients(cfg, assign_tiers(cfg))[0]
+
+
+def load_clients(cfg: Config, tiers: list[int]) -> tuple[list[ClientData], dict]:
+    """Every client's splits and the summary's `data` block; rows that reach no client, or no
+    split, are counted in a log line."""
     d, seed = cfg.data, cfg.run.seed
     examples = load_examples_for(cfg)
     if d.partition == "task":
@@ -90,10 +97,19 @@ def build_client_data(cfg: Config) -> list[ClientData]:
         parts = partitioning.dirichlet(examples, d.num_clients, d.dirichlet_alpha, seed, min_size=d.min_client_size)
     else:
         parts = partitioning.iid(examples, d.num_clients, seed)
-    return build_clients(
+    assigned = sum(len(p) for p in parts)
+    if assigned < len(examples):
+        log.info("the task partition (one task per client) leaves %d of %d rows unused: their tasks went to "
+                 "no client", len(examples) - assigned, len(examples))
+    clients = build_clients(
         parts, seed, val_frac=d.val_frac, test_frac=d.test_frac,
         max_train=d.max_train or None, max_test=d.max_test or None,
     )
+    summary = data_summary(d.source, d.partition, len(examples), assigned, clients, tiers)
+    if summary["rows_used"] < assigned:
+        log.info("data.max_train = %d / data.max_test = %d leave %d of the clients' %d rows unused",
+                 d.max_train, d.max_test, assigned - summary["rows_used"], assigned)
+    return clients, summary
 
 
 class Setup:
@@ -107,6 +123,7 @@ class Setup:
         self.device = pick_device(cfg.run.device)
         self.autocast = pick_autocast(cfg.run.autocast, self.device)
         self.tiers = assign_tiers(cfg)
+        self.clients, self.data_summary = load_clients(cfg, self.tiers)  # data errors surface before the model loads
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
         if model_kind(cfg.model.name) is None:  # a hub model: only now is it known whether it is sparse
             check_adapter_options(cfg, moe=is_moe_model(self.model))
@@ -115,12 +132,12 @@ class Setup:
             self.model, cfg.adapter, cfg.run.seed, self.tiers, cfg.method_options()
         )
         self.model.to(self.device)
-        self.clients = build_client_data(cfg)
+        self.model.eval()  # injected layers start in training mode; the trainer switches modes itself
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
         self.trainer = LocalTrainer(
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,
-            device=self.device, autocast_dtype=self.autocast,
+            device=self.device, autocast_dtype=self.autocast, rescale_lr=cfg.train.rescale_lr,
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
         self.method.attach_clients(self.runtimes)
@@ -151,3 +168,17 @@ class Setup:
             self.tokenizer, ex, max_prompt_tokens=self.cfg.eval.max_prompt_tokens,
             use_chat_template=self.cfg.data.chat_template,
         )
+
+
+def describe_setup(setup: Setup, engine: str, run_dir) -> list[str]:
+    """The console's start-up summary of a built run (see `fedmole.console.startup_lines`)."""
+    from fedmole.console import startup_lines
+
+    trainable = setup.adapter.num_parameters()
+    total = sum(p.numel() for p in setup.model.parameters())
+    precision = f"{str(setup.autocast).replace('torch.', '')} autocast" if setup.autocast else "float32"
+    return startup_lines(
+        method=setup.cfg.run.method, engine=engine, model=setup.cfg.model.name, base_params=total - trainable,
+        trainable_params=trainable, device=str(setup.device), precision=precision, rounds=setup.cfg.run.rounds,
+        run_dir=str(run_dir), data=setup.data_summary,
+    )

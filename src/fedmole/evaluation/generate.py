@@ -10,6 +10,7 @@ options by language-model loss.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -18,6 +19,8 @@ from transformers import GenerationConfig
 
 from fedmole.data.types import Example
 from fedmole.evaluation.metrics import score
+
+log = logging.getLogger(__name__)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -116,7 +119,7 @@ def greedy_generate(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="generate", unit="batch")
+        batches = tqdm(batches, desc="generate", unit="batch", leave=False)
 
     results: list[list[int]] = [[] for _ in prompts]
     with _eval_mode(model), torch.inference_mode(), _autocast(device, autocast_dtype):
@@ -131,6 +134,8 @@ def greedy_generate(
             new_tokens = out[:, input_ids.shape[1] :].tolist()
             for i, toks in zip(idx, new_tokens):
                 results[i] = _cut_at_eos(toks, eos)
+            log.debug("generated batch %d/%d (%d prompts)", start // batch_size + 1,
+                      -(-len(order) // batch_size), len(idx))
     return results
 
 
@@ -156,8 +161,9 @@ def evaluate_generation(
     max_new_tokens: int,
     batch_size: int,
     autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Generate for every example and score against its references.
+    """Generate for every example and score against its references (`progress`: a bar per batch).
 
     Returns {"rouge_l", "exact_match", "n", "predictions"}, predictions in
     the order of `examples`.
@@ -171,6 +177,7 @@ def evaluate_generation(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         autocast_dtype=autocast_dtype,
+        progress=progress,
     )
     predictions = [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in outputs]
     result = score(predictions, [ex.outputs for ex in examples])

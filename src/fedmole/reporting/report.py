@@ -106,6 +106,21 @@ def _summary_section(summary: dict) -> list[str]:
     return ["## Summary", "", *_table(["metric", "before training", "after training", "change"], rows), ""]
 
 
+def _data_section(data: dict) -> list[str]:
+    if not data or not data.get("clients"):
+        return []
+    lines = ["## Data", "",
+             f"Source `{data.get('source')}`, {data.get('partition')} partition: {data.get('rows_loaded')} rows "
+             f"loaded, {data.get('rows_assigned')} assigned to a client, {data.get('rows_used')} used.", ""]
+    rows = []
+    for c in data["clients"]:
+        mix = ", ".join(f"{name} {n}" for name, n in (c.get("categories") or {}).items())
+        rows.append([_cell("", c.get("client_id")), _cell("", c.get("name")), _cell("", c.get("tier")),
+                     *(_cell("", c.get(k)) for k in ("train", "val", "test", "aux")), _cell("", mix)])
+    lines += _table(["id", "client", "tier", "train", "val", "test", "aux", "categories"], rows)
+    return lines + [""]
+
+
 def _rounds_section(rounds: list[dict]) -> list[str]:
     if not rounds:
         return []
@@ -248,6 +263,7 @@ def write_report(run_dir: Path) -> Path:
     lines.append("")
 
     lines += _summary_section(summary)
+    lines += _data_section(summary.get("data") or {})
     lines += _tier_section(summary.get("per_tier") or {})
     lines += _client_section(summary.get("per_client") or {})
     lines += _rounds_section(rounds)

@@ -1,0 +1,234 @@
+"""A finished run, loaded for inference: the base model with the trained adapter in the
+view one client or one tier is evaluated with, in eval mode (dropout off).
+
+`load_run(RUN_DIR, client=..., tier=...)` rebuilds the base model and adapter
+from the run's `config.toml`, loads `adapter.safetensors` (the method's final
+state) and lets the method put in the weights it evaluates a client with
+(`Method.eval_view`): the global adapter at the tier's k for FLAME, the tier's
+rank view for the LoRA baselines, the merged base plus LoRA for FLoRA, and the
+client's own model for the personalised methods (local, FedAMoLE), which is
+read from the run's last checkpoint. `generate` and `evaluate` then run the
+same prompt encoding (chat template, truncation) and greedy decoding as
+evaluation during training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedmole.adapters.inject import MoLEAdapter
+from fedmole.adapters.lora import LoRAAdapter
+from fedmole.algorithms import METHODS
+from fedmole.algorithms.base import ClientRuntime, Method
+from fedmole.config import Config, assign_tiers, load_config
+from fedmole.data.tokenize import encode_prompt
+from fedmole.data.types import Example
+from fedmole.evaluation.generate import evaluate_generation, greedy_generate, lm_loss_choice, stop_token_ids
+from fedmole.evaluation.metrics import normalize_answer
+from fedmole.messages import State
+from fedmole.models import load_base
+
+log = logging.getLogger("fedmole")
+
+
+class RunError(ValueError):
+    """A run directory cannot serve the request (unfinished run, unknown client or tier)."""
+
+
+@dataclass
+class ClientInfo:
+    """One client of a run, as its summary names it."""
+
+    client_id: int
+    name: str
+    tier: int
+
+
+@dataclass
+class LoadedRun:
+    """Base model + trained adapter of one run, set to one view; `k` is the tier every forward uses."""
+
+    cfg: Config
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: MoLEAdapter
+    method: Method
+    k: int
+    client: ClientInfo | None
+    extras: State = field(default_factory=dict)  # final-state tensors that are not adapter weights (FLoRA's merged)
+    autocast: torch.dtype | None = None
+
+    def encode(self, ex: Example) -> list[int]:
+        """Prompt ids exactly as training and evaluation encode them."""
+        return encode_prompt(self.tokenizer, ex, max_prompt_tokens=self.cfg.eval.max_prompt_tokens,
+                             use_chat_template=self.cfg.data.chat_template)
+
+    def generate(self, instruction: str, text_input: str = "", max_new_tokens: int | None = None) -> str:
+        """The greedy answer to one prompt."""
+        ex = Example(instruction, text_input, ("",))
+        with self.adapter.route(self.k):
+            (tokens,) = greedy_generate(
+                self.model, [self.encode(ex)], pad_id=_pad_id(self.tokenizer),
+                eos_ids=stop_token_ids(self.model, self.tokenizer),
+                max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens, autocast_dtype=self.autocast,
+            )
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    def evaluate(self, examples: list[Example], *, max_new_tokens: int | None = None,
+                 batch_size: int | None = None, progress: bool = False) -> dict:
+        """Greedy generation scored with ROUGE-L and exact match; `accuracy` too when examples carry
+        `options` (the option with the lowest LM loss counts as the answer)."""
+        with self.adapter.route(self.k):
+            result = evaluate_generation(
+                self.model, self.tokenizer, examples, self.encode,
+                max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens,
+                batch_size=batch_size or self.cfg.eval.batch_size, autocast_dtype=self.autocast, progress=progress,
+            )
+            with_options = [ex for ex in examples if getattr(ex, "options", None)]
+            if with_options:
+                result["accuracy"] = self._accuracy(with_options)
+                result["n_options"] = len(with_options)
+        return result
+
+    def _accuracy(self, examples: list) -> float:
+        hits = 0
+        for ex in examples:
+            options = list(ex.options)
+            choice = lm_loss_choice(self.model, self.tokenizer, self.encode(ex),
+                                    [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options])
+            refs = {normalize_answer(r) for r in ex.outputs}
+            hits += normalize_answer(options[choice]) in refs
+        return 100.0 * hits / len(examples)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def run_clients(run_dir: Path) -> list[ClientInfo]:
+    """The clients of a finished run, from its summary (`data.clients`, else `per_client`)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    data = summary.get("data") or {}
+    if data.get("clients"):
+        return [ClientInfo(c["client_id"], c["name"], c["tier"]) for c in data["clients"]]
+    return sorted((ClientInfo(c["client_id"], name, c["tier"]) for name, c in summary["per_client"].items()),
+                  key=lambda c: c.client_id)
+
+
+def find_client(clients: list[ClientInfo], wanted: str | int) -> ClientInfo:
+    """A client by name or id; the error lists the clients there are."""
+    for c in clients:
+        if str(wanted) in (c.name, str(c.client_id)):
+            return c
+    listed = ", ".join(f"{c.client_id} ({c.name})" for c in clients)
+    raise RunError(f"no client {wanted!r} in this run; clients: {listed}")
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise RunError(f"{run_dir} is not a run directory (no config.toml)")
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "adapter.safetensors").is_file():
+        raise RunError(f"{run_dir} holds no finished run (no summary.json / adapter.safetensors); "
+                       f"continue it with `fedmole resume {run_dir}`")
+    return run_dir
+
+
+def load_run(run_dir: str | Path, *, client: str | int | None = None, tier: int | None = None,
+             device: str | None = None) -> LoadedRun:
+    """Load a finished run for inference in the view of `client` (name or id) and/or `tier`.
+
+    Global methods: k = `tier`, else the client's tier, else the largest tier of the run;
+    the weights are those a client of that tier is evaluated with. Personalised methods
+    (local, fedamole) need `client` and use its own model. The model comes back in
+    eval mode on `device` (default: the run's `run.device`).
+    """
+    from fedmole.engine.setup import pick_autocast, pick_device
+
+    run_dir = check_run_dir(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    clients = run_clients(run_dir)
+    chosen = find_client(clients, client) if client is not None else None
+    method_cls = METHODS[cfg.run.method]
+    if method_cls.personalized and chosen is None:
+        listed = ", ".join(f"{c.client_id} ({c.name})" for c in clients)
+        raise RunError(f"{cfg.run.method} trains one model per client: choose one with --client; clients: {listed}")
+
+    model, tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
+    tiers = assign_tiers(cfg)
+    options = cfg.method_options()
+    adapter = method_cls.build_adapter(model, cfg.adapter, cfg.run.seed, tiers, options)
+    method = method_cls(options, adapter, tiers, cfg.run.seed)
+    saved = load_file(str(run_dir / "adapter.safetensors"))
+    global_state = method.load_final_state(saved)
+    extras = {k: v for k, v in saved.items() if k not in global_state}
+
+    if method_cls.personalized:
+        if tier is not None and tier != chosen.tier:
+            raise RunError(f"{cfg.run.method} evaluates client {chosen.name!r} with its own model at its tier "
+                           f"{chosen.tier}; --tier {tier} does not apply")
+        store = _final_client_store(run_dir, cfg, method, chosen.client_id)
+        k = method.eval_view(_runtime(chosen, adapter, store), global_state)
+    else:
+        k = tier if tier is not None else (chosen.tier if chosen else max(tiers))
+        holder = chosen if chosen is not None and chosen.tier == k else next((c for c in clients if c.tier == k), None)
+        if holder is not None:
+            method.eval_view(_runtime(holder, adapter, {}), global_state)
+        elif isinstance(adapter, LoRAAdapter):
+            raise RunError(f"no client of tier {k} in this run, so there is no rank view for it; "
+                           f"tiers: {sorted(set(tiers), reverse=True)}")
+        else:
+            adapter.load_state_dict(global_state)
+        _check_k(adapter, k)
+
+    dev = pick_device(device or cfg.run.device)
+    model.to(dev)
+    model.eval()  # injected layers start in training mode; inference runs without dropout
+    return LoadedRun(cfg, run_dir, model, tokenizer, adapter, method, k, chosen, extras,
+                     autocast=pick_autocast(cfg.run.autocast, dev))
+
+
+def _check_k(adapter: MoLEAdapter, k: int) -> None:
+    if isinstance(adapter, LoRAAdapter):
+        return
+    limit = min(getattr(layer, "top_k", layer.num_experts) for layer in adapter.layers.values())
+    if not 1 <= k <= limit:
+        raise RunError(f"tier {k} is outside what this adapter runs: 1..{limit} experts per token")
+
+
+def _runtime(client: ClientInfo, adapter: MoLEAdapter, store: dict) -> ClientRuntime:
+    # eval_view reads only the id, tier, adapter and store of a runtime
+    return ClientRuntime(client.client_id, client.tier, data=None, batches=None, adapter=adapter, trainer=None,
+                         store=store)
+
+
+def _final_client_store(run_dir: Path, cfg: Config, method: Method, client_id: int) -> dict:
+    """A client's store (its personal model) from the run's last checkpoint; the server state goes into `method`."""
+    from fedmole.reporting.rundir import RunDir
+
+    ckpt = RunDir(run_dir).load_checkpoint() if (run_dir / "checkpoints").is_dir() else None
+    if ckpt is None:
+        raise RunError(f"{cfg.run.method} keeps each client's model in the run's checkpoints, and {run_dir} has "
+                       "none left (`fedmole compare` deletes them unless --keep-checkpoints)")
+    if int(ckpt["meta"]["round"]) != cfg.run.rounds:
+        raise RunError(f"the newest usable checkpoint of {run_dir} is round {ckpt['meta']['round']}, "
+                       f"not the final round {cfg.run.rounds}")
+    method.load_state_dict(ckpt["server"])
+    return ckpt["clients"][client_id]["store"]
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Examples of a JSONL / JSON / CSV file (the same reader and checks as training data)."""
+    from fedmole.data.sources import read_file
+
+    return read_file(path)
+
+
+__all__ = ["LoadedRun", "RunError", "ClientInfo", "load_run", "run_clients", "find_client", "read_examples"]
