@@ -133,3 +133,16 @@ def test_data_errors_surface_before_the_model_loads(tmp_path, monkeypatch):
     bad.write_text('{"instruction": "x"}\n')
     with pytest.raises(DataError, match="bad.jsonl:1: missing required field 'output'"):
         LocalEngine(tiny_cfg(f"data.source='{bad}'"), tmp_path / "run")
+
+
+def test_flame_on_a_tiny_moe_base_runs_end_to_end(tmp_path):
+    cfg = load_config("configs/tiny-moe.toml", ["rounds=2", "run.progress=false", "train.local_steps=2",
+                                                "data.max_test=2", "eval.max_new_tokens=2"])
+    summary = run_local(cfg, tmp_path)
+    assert set(summary["per_tier"]) == {"4", "2", "1"}
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    shares = rows[-1]["expert_weight_share"]
+    assert set(shares) == {"4", "2", "1"} and shares["4"] > shares["1"] > 0  # t = 2 favours the busy tiers
+    state = load_file(str(tmp_path / "adapter.safetensors"))
+    assert any(k.endswith("lora_gate_up_A") for k in state) and any(k.endswith(".rescale") for k in state)
+    assert "Expert aggregation weight by tier" in (tmp_path / "report.md").read_text()

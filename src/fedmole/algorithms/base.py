@@ -100,6 +100,10 @@ class Method:
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         raise NotImplementedError
 
+    def round_metrics(self) -> dict:
+        """Method-specific figures of the last aggregation for the round's metrics row (JSON values)."""
+        return {}
+
     def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
         """Called once with every client's runtime (only the centralised reference uses it)."""
 

@@ -45,6 +45,24 @@ def activation_weights(
     return torch.stack(rows)
 
 
+def tier_weight_shares(replies: Sequence[Reply], t: float) -> dict[str, float]:
+    """Each tier's share of the expert aggregation weight: sum over its clients of gamma_i^{m,j} over
+    sum_i gamma_i^{m,j}, averaged over the (module, expert) pairs that some client used."""
+    if not replies or not replies[0].expert_counts:
+        return {}
+    sizes = [r.num_examples for r in replies]
+    tiers = torch.tensor([r.tier for r in replies])
+    shares = {int(k): [] for k in tiers.unique()}
+    for module in replies[0].expert_counts:
+        gamma = activation_weights([r.expert_counts[module] for r in replies],
+                                   [r.tokens[module] for r in replies], sizes, t)  # (C, E)
+        total = gamma.sum(0)
+        used = total > 0
+        for k in shares:
+            shares[k].append((gamma[tiers == k].sum(0)[used] / total[used]))
+    return {str(k): float(torch.cat(v).mean()) for k, v in sorted(shares.items(), reverse=True) if v}
+
+
 def aggregate_flame(replies: Sequence[Reply], previous: State, t: float) -> State:
     """New global adapter state from the accepted replies (pure; `previous` untouched)."""
     if not replies:
@@ -79,5 +97,15 @@ class Flame(Method):
     name = "flame"
     Options = FlameOptions
 
+    def __init__(self, options, adapter, tiers, seed):
+        super().__init__(options, adapter, tiers, seed)
+        self.shares: dict[str, float] = {}
+
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
+        self.shares = tier_weight_shares(replies, self.options.t)
         return aggregate_flame(replies, previous, self.options.t)
+
+    def round_metrics(self) -> dict:
+        """Each tier's share of the expert aggregation weight in the last round (t = 2 favours the tiers
+        that activate more experts: a tier-1 client can get a few % of an expert's weight)."""
+        return {"expert_weight_share": dict(self.shares)} if self.shares else {}

@@ -106,6 +106,7 @@ class LocalEngine:
                 "comm_bytes_up": up,
                 "comm_bytes_down": down,
                 "seconds": round(time.perf_counter() - t0, 3),
+                **self.method.round_metrics(),
             }
             self.checkpoint(rnd, global_state, before, comm, spent + time.perf_counter() - started)  # checkpoint
             out.log_round(row)

@@ -155,6 +155,19 @@ def _client_section(per_client: dict) -> list[str]:
     return ["## Per client", "", *_table(["client", *columns], rows), ""]
 
 
+def _weight_share_section(rounds: list[dict]) -> list[str]:
+    """FLAME: each tier's share of the expert aggregation weight, per round."""
+    rows = [r for r in rounds if isinstance(r.get("expert_weight_share"), dict) and r["expert_weight_share"]]
+    if not rows:
+        return []
+    tiers = sorted({t for r in rows for t in r["expert_weight_share"]}, key=lambda t: -int(t))
+    table = [[str(r.get("round", "–"))] + [f"{100 * r['expert_weight_share'][t]:.1f}%"
+                                          if t in r["expert_weight_share"] else "–" for t in tiers] for r in rows]
+    return ["## Expert aggregation weight by tier", "",
+            "Each tier's share of an expert's activation-aware aggregation weight, averaged over the "
+            "experts its round's clients used.", "", *_table(["round", *[f"k={t}" for t in tiers]], table), ""]
+
+
 def _cost_section(summary: dict, rounds: list[dict]) -> list[str]:
     lines = []
     comm = summary.get("comm_bytes") or {}
@@ -267,6 +280,7 @@ def write_report(run_dir: Path) -> Path:
     lines += _tier_section(summary.get("per_tier") or {})
     lines += _client_section(summary.get("per_client") or {})
     lines += _rounds_section(rounds)
+    lines += _weight_share_section(rounds)
     lines += _cost_section(summary, rounds)
 
     plots = []
