@@ -242,7 +242,10 @@ def sparsify(dense: nn.Module, calibration: Iterable[dict[str, torch.Tensor]],
         for name, tensor in tensors.items():
             state[f"model.layers.{i}.mlp.{name}"] = tensor.contiguous()
         state[f"model.layers.{i}.mlp.shared_expert_gate.weight"] = torch.zeros(1, dense.config.hidden_size)
-    with torch.device("meta"):
+    import warnings
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")  # the width-0 shared expert
         model = Qwen2MoeForCausalLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if "shared_expert." not in k and k != "lm_head.weight"]
