@@ -49,8 +49,11 @@ def _execute(cfg, run_dir: Path, resume: bool) -> int:
         summary = LocalEngine(cfg, run_dir).run(resume=resume)
     m, b = summary["metrics"], summary["baseline_metrics"]
     print(f"run directory: {run_dir}")
-    print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
-          f"(exact match {b['exact_match']:.2f} -> {m['exact_match']:.2f})")
+    if b:
+        print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
+              f"(exact match {b['exact_match']:.2f} -> {m['exact_match']:.2f})")
+    else:  # eval.before = false
+        print(f"ROUGE-L after training: {m['rouge_l']:.2f}   (exact match {m['exact_match']:.2f})")
     for tier, t in summary["per_tier"].items():
         print(f"  tier k={tier}: ROUGE-L {t['rouge_l']:.2f} over {t['clients']} client(s)")
     print(f"wall time {summary['wall_seconds']:.0f} s, final state sha256 {summary['final_state_sha256'][:16]}...")

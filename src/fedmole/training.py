@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,12 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class LocalTrainer:
-    """AdamW on the adapter tensors; loss on answer tokens plus the load-balancing loss."""
+    """AdamW on the adapter tensors; loss on answer tokens plus the load-balancing loss.
+
+    Every optimizer step's wall time (batch to device, forward, backward, clip, step) is
+    appended to `step_seconds`, which the engine empties before each client step and reads
+    after it. `dataclasses.replace` copies share the list, so their steps are counted too.
+    """
 
     steps: int
     lr: float
@@ -50,6 +56,7 @@ class LocalTrainer:
     aux_weight: float
     device: torch.device
     autocast_dtype: torch.dtype | None = None
+    step_seconds: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, params=None) -> float:
         """Run `steps` optimizer steps with k active experts; return the mean loss.
@@ -67,6 +74,7 @@ class LocalTrainer:
         total = 0.0
         try:
             for _ in range(self.steps):
+                started = time.perf_counter()
                 batch = {name: t.to(self.device) for name, t in batches.next().items()}
                 with adapter.route(k, token_mask=batch["attention_mask"], collect=True):
                     with autocast_context(self.device, self.autocast_dtype):
@@ -78,6 +86,9 @@ class LocalTrainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 total += float(lm_loss.detach())
+                if self.device.type == "cuda":  # the step's kernels run asynchronously; time them whole
+                    torch.cuda.synchronize(self.device)
+                self.step_seconds.append(time.perf_counter() - started)
         finally:
             model.eval()
         store["optimizer"] = optimizer.state_dict()

@@ -109,10 +109,28 @@ class Method:
             tokens=tokens,
         )
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        """Load the weights this client is evaluated with; return its k."""
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
+        """Load the weights this client is evaluated with at `tier` (default: its own); return the k
+        to route with."""
         rt.adapter.load_state_dict(global_state)
-        return rt.tier
+        return rt.tier if tier is None else tier
+
+    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
+        """The tiers at which this client is scored when every tier is evaluated (eval.tiers = all):
+        all of `tiers`, unless the model it is evaluated with does not depend on the tier."""
+        return list(tiers)
+
+
+def timed_update(method: Method, rt: ClientRuntime, instruction: Instruction) -> Reply:
+    """`method.client_update` with the client's mean optimizer-step seconds and its step count
+    in `reply.metrics` ("step_seconds", "steps"), as its trainer measured them."""
+    rt.trainer.step_seconds.clear()
+    reply = method.client_update(rt, instruction)
+    times = rt.trainer.step_seconds
+    if times:
+        reply.metrics["step_seconds"] = sum(times) / len(times)
+        reply.metrics["steps"] = len(times)
+    return reply
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:

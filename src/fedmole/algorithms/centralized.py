@@ -68,6 +68,10 @@ class Centralized(LoRAMethod):
         return Reply(instruction.round, rt.client_id, rt.adapter.state_dict(), len(self.pool.items),
                      instruction.tier, loss)
 
+    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
+        """Only the client's own: the one full-rank model is the same at every tier."""
+        return [rt.tier]
+
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:
             return {k: v.clone() for k, v in previous.items()}

@@ -306,7 +306,11 @@ class FedAMoLE(Method):
             out.update({expert_emb_key(m, j): e[row].clone() for row, j in enumerate(held[m])})
         return out
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
+        """Only the client's own: every client routes top_k of its own experts, whatever its tier."""
+        return [rt.tier]
+
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         """Personalised: the client's own model after its latest local training; before any,
         the global experts of its current assignment."""
         personal = rt.store.get("personal")

@@ -97,10 +97,10 @@ class FlexLoRA(LoRAMethod):
         super().__init__(options, adapter, tiers, seed)
         self.factored = False  # whether the global state holds SVD factors yet (else: the common init)
 
-    def client_view(self, global_state: State, client_id: int) -> State:
+    def tier_view(self, global_state: State, tier: int) -> State:
         if not self.factored:
-            return truncate_lora(global_state, self.ranks[client_id])
-        return client_factors(global_state, self.ranks[client_id], self.max_rank)
+            return truncate_lora(global_state, self.rank_of(tier))
+        return client_factors(global_state, self.rank_of(tier), self.max_rank)
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:

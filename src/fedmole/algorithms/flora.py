@@ -151,6 +151,6 @@ class FLoRA(LoRAMethod):
         state, loss = self.train_view(rt, lora, instruction.tier)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         rt.adapter.set_merged(self.merged)
-        return super().eval_view(rt, global_state)
+        return super().eval_view(rt, global_state, tier)

@@ -59,6 +59,10 @@ class LocalOnly(LoRAMethod):
         rt.store["personal"] = state
         return Reply(instruction.round, rt.client_id, {}, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         rt.adapter.load_state_dict(rt.store.get("personal") or self.client_view(global_state, rt.client_id))
         return rt.tier
+
+    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
+        """Only the client's own: its personal adapter has its tier's rank."""
+        return [rt.tier]

@@ -90,7 +90,7 @@ def build_client_data(cfg: Config) -> list[ClientData]:
         parts = partitioning.iid(examples, d.num_clients, seed)
     return build_clients(
         parts, seed, val_frac=d.val_frac, test_frac=d.test_frac,
-        max_train=d.max_train or None, max_test=d.max_test or None,
+        max_train=d.max_train or None, max_val=d.max_val or None, max_test=d.max_test or None,
     )
 
 

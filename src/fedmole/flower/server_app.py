@@ -105,7 +105,8 @@ def with_node_tiers(cfg: Config, declared: dict[int, int | None]) -> Config:
     if resolved == tiers:
         return cfg
     log.info("tiers from the nodes' config: %s (config gave %s)", resolved, tiers)
-    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]"])
+    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]",
+                                                              "fed.tier_assignment=fixed"])  # already resolved
 
 
 def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0,
