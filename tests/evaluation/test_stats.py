@@ -10,6 +10,7 @@ from fedmole.evaluation.stats import (
     StratifiedBootstrap,
     interval,
     mean_interval,
+    median_interval,
     ratio_of_medians,
     stable_seed,
     verdict_bound,
@@ -81,6 +82,9 @@ def test_ratio_of_medians():
     assert res["ratio"] == pytest.approx(0.5) and res["ci95"][0] < 0.5 < res["ci95"][1]
     assert res == ratio_of_medians(x, y, seed=stable_seed(0, "r"))  # deterministic
     assert ratio_of_medians([], [1.0])["ratio"] is None
+    assert median_interval([3.0, 1.0, 2.0]) | {"ci95": None} == {"median": 2.0, "ci95": None, "n": 3}
+    lo, hi = median_interval([3.0, 1.0, 2.0])["ci95"]
+    assert 1.0 <= lo <= 2.0 <= hi <= 3.0
 
 
 def test_verdicts_at_their_boundaries():

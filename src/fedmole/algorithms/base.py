@@ -38,6 +38,9 @@ class Method:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type]
+    # Whether the model a client is evaluated with can run at another tier's k (eval.tiers = all);
+    # False for personal models of one size and for models that ignore the tier.
+    cross_tier_eval: ClassVar[bool] = True
 
     @classmethod
     def build_adapter(
@@ -117,8 +120,8 @@ class Method:
 
     def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
         """The tiers at which this client is scored when every tier is evaluated (eval.tiers = all):
-        all of `tiers`, unless the model it is evaluated with does not depend on the tier."""
-        return list(tiers)
+        all of `tiers`, or only its own when the method has no cross-tier view (`cross_tier_eval`)."""
+        return list(tiers) if self.cross_tier_eval else [rt.tier]
 
 
 def timed_update(method: Method, rt: ClientRuntime, instruction: Instruction) -> Reply:

@@ -38,6 +38,7 @@ class Centralized(LoRAMethod):
 
     name = "centralized"
     Options = CentralizedOptions
+    cross_tier_eval = False  # one full-rank model, the same at every tier
 
     def __init__(self, options, adapter, tiers, seed):
         adapter.fix_rank(adapter.max_rank)
@@ -67,10 +68,6 @@ class Centralized(LoRAMethod):
         loss = trainer.train(rt.adapter, self.pool, k=instruction.tier, store=self.center)
         return Reply(instruction.round, rt.client_id, rt.adapter.state_dict(), len(self.pool.items),
                      instruction.tier, loss)
-
-    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
-        """Only the client's own: the one full-rank model is the same at every tier."""
-        return [rt.tier]
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:

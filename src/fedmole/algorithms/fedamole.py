@@ -154,6 +154,7 @@ class FedAMoLE(Method):
 
     name = "fedamole"
     Options = FedAMoLEOptions
+    cross_tier_eval = False  # every client routes top_k of its own experts, whatever its tier
 
     @classmethod
     def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int],
@@ -305,10 +306,6 @@ class FedAMoLE(Method):
             out[client_emb_key(m)] = t
             out.update({expert_emb_key(m, j): e[row].clone() for row, j in enumerate(held[m])})
         return out
-
-    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
-        """Only the client's own: every client routes top_k of its own experts, whatever its tier."""
-        return [rt.tier]
 
     def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         """Personalised: the client's own model after its latest local training; before any,

@@ -28,6 +28,7 @@ class LocalOnly(LoRAMethod):
 
     name = "local"
     Options = LocalOptions
+    cross_tier_eval = False  # a personal adapter of the client's own rank
 
     def __init__(self, options, adapter, tiers, seed):
         super().__init__(options, adapter, tiers, seed)
@@ -63,6 +64,4 @@ class LocalOnly(LoRAMethod):
         rt.adapter.load_state_dict(rt.store.get("personal") or self.client_view(global_state, rt.client_id))
         return rt.tier
 
-    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
-        """Only the client's own: its personal adapter has its tier's rank."""
-        return [rt.tier]
+

@@ -86,6 +86,16 @@ def mean_interval(values: Sequence[float], strata: Sequence[Hashable], replicate
     return {"mean": float(v.mean()), "ci95": list(interval(boot.means(v))), "n": int(v.size)}
 
 
+def median_interval(samples: Sequence[float], replicates: int = 2000, seed: Sequence[int] | int = 0) -> dict:
+    """{"median", "ci95", "n"} of `samples`, resampled with replacement."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.size == 0:
+        return {"median": None, "ci95": None, "n": 0}
+    rng = np.random.default_rng(seed)
+    boot = np.median(x[rng.integers(0, x.size, size=(replicates, x.size))], axis=1)  # (B,)
+    return {"median": float(np.median(x)), "ci95": list(interval(boot)), "n": int(x.size)}
+
+
 def ratio_of_medians(numerator: Sequence[float], denominator: Sequence[float], replicates: int = 2000,
                      seed: Sequence[int] | int = 0) -> dict:
     """{"ratio", "ci95", "n": [n_num, n_den]}: median(numerator) / median(denominator), each side
