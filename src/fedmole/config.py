@@ -129,7 +129,7 @@ class EvalSection:
     max_new_tokens: int = opt(32, "greedy decoding bound", range=(1, None))
     batch_size: int = opt(16, "prompts per generation batch", range=(1, None))
     max_prompt_tokens: int = opt(256, "prompt length cap at evaluation", range=(16, None))
-    tiers: str = opt("own", "final evaluation: each client at its own tier (own), or every client's test set at "
+    tiers: str = opt("own", "evaluation: each client at its own tier (own), or every client's test set at "
                      "every tier's k in use (all: per-tier figures compare like with like)", choices=("own", "all"))
     before: bool = opt(True, "evaluate the model before training (round 0)")
     split: str = opt("test", "the split that is scored: test, or val (learning-rate pilots)",

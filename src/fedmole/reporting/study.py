@@ -151,9 +151,11 @@ def _compute(study, done: list[dict]) -> dict:
     for arm in study.arms:
         tiers = sorted({int(t) for r in done if r["arm"] == arm.name
                         for t in r["summary"].get("compute", {}).get("per_tier", {})}, reverse=True)
-        out[arm.name] = {str(t): {"step_seconds": (res := stats.median_interval(
-            _samples(done, arm.name, t), study.bootstrap, stats.stable_seed(0, "median", arm.name, t)))["median"],
-            "ci95": res["ci95"], "n": res["n"]} for t in tiers}
+        out[arm.name] = {}
+        for t in tiers:
+            res = stats.median_interval(_samples(done, arm.name, t), study.bootstrap,
+                                        stats.stable_seed(0, "median", arm.name, t))
+            out[arm.name][str(t)] = {"step_seconds": res["median"], "ci95": res["ci95"], "n": res["n"]}
     return out
 
 
