@@ -77,7 +77,9 @@ def markdown(result: dict) -> str:
 
     comp = result["compute"]
     if any(comp.values()):
-        rows = [[a, *(_cell(comp[a].get(t), 1000, " ms", key="step_seconds") for t in tiers)] for a in arms]
+        top = max((c["step_seconds"] for v in comp.values() for c in v.values() if c.get("step_seconds")), default=0)
+        scale, unit = (1.0, " s") if top >= 1 else (1000.0, " ms")
+        rows = [[a, *(_cell(comp[a].get(t), scale, unit, key="step_seconds") for t in tiers)] for a in arms]
         lines += ["## Measured compute", "", "Median wall time of one optimizer step over client-rounds (pooled over "
                   "seeds), with a bootstrap 95% interval.", "", *_table(["arm", *(f"k={t}" for t in tiers)], rows)]
 

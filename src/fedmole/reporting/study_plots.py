@@ -91,9 +91,11 @@ def plot_compute(result: dict, path: Path) -> bool:
         return False
     tiers = [str(t) for t in sorted({int(t) for v in comp.values() for t in v}, reverse=True)]
     fig, (ax,) = _figure(max(7.0, 1.0 * len(tiers) * len(comp) / 2 + 3), 3.5)
+    top = max((c["step_seconds"] for v in comp.values() for c in v.values() if c.get("step_seconds")), default=0)
+    scale, unit = (1.0, "s") if top >= 1 else (1000.0, "ms")
     _bars(ax, [f"k={t}" for t in tiers], {a: [v.get(t) for t in tiers] for a, v in comp.items()},
-          key="step_seconds", scale=1000)
-    ax.set_ylabel("ms per optimizer step")
+          key="step_seconds", scale=scale)
+    ax.set_ylabel(f"{unit} per optimizer step")
     ax.set_title("measured step time: median over client-rounds with 95% interval")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     fig.savefig(path, dpi=100)
