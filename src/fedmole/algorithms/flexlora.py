@@ -26,6 +26,7 @@ import torch
 
 from fedmole.adapters.lora import truncate_lora
 from fedmole.algorithms.aggregate import State
+from fedmole.algorithms.base import ClientRuntime
 from fedmole.algorithms.lora_common import LoRAMethod, stack_lora
 from fedmole.messages import Reply
 
@@ -101,6 +102,13 @@ class FlexLoRA(LoRAMethod):
         if not self.factored:
             return truncate_lora(global_state, self.rank_of(tier))
         return client_factors(global_state, self.rank_of(tier), self.max_rank)
+
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
+        """Always the rescaled factors: before the first aggregation every B is zero, so rescaling
+        changes nothing, and a Flower node's method (which never aggregates) evaluates like the server."""
+        k = rt.tier if tier is None else tier
+        rt.adapter.load_state_dict(client_factors(global_state, self.rank_of(k), self.max_rank))
+        return k
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:

@@ -34,7 +34,8 @@ def tiers_to_evaluate(setup) -> list[int] | None:
 
 
 def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[int] | None = None) -> dict:
-    """One client's scores on its eval.split with the weights `Method.eval_view` gives it.
+    """One client's scores on its eval.split with the weights `Method.eval_view` gives it from
+    `global_state` (the engines pass `Method.final_state` of the global state).
 
     With `tiers`, the client is scored at each of `Method.eval_tiers(rt, tiers)`; the result's
     own figures are those at its own tier, and `by_tier` holds every tier's. `records` holds

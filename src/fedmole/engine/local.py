@@ -236,10 +236,11 @@ class LocalEngine:
         per client, per tier, mean, and the per-example `records`."""
         per_client, records = {}, []
         tiers = tiers_to_evaluate(self.setup)
+        state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
         bar = tqdm(self.setup.runtimes, desc=f"evaluate (round {rnd})", unit="client",
                    disable=not self.progress, leave=False)
         for rt in bar:
-            result = evaluate_client(self.setup, rt, global_state, tiers)
+            result = evaluate_client(self.setup, rt, state, tiers)
             records += result.pop("records")
             per_client[rt.data.name] = result
         return {**summarise(per_client), "records": records}

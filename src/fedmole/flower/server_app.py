@@ -70,7 +70,8 @@ class FlowerEngine(LocalEngine):
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
         clients = [rt.client_id for rt in self.setup.runtimes]
-        per_client, failures = self.strategy.evaluate(self.grid, rnd, global_state, clients)
+        state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
+        per_client, failures = self.strategy.evaluate(self.grid, rnd, state, clients)
         for c, why in failures.items():
             log.warning("evaluation (round %d): client %d failed: %s", rnd, c, why)
         if not per_client:
