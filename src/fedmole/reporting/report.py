@@ -226,7 +226,9 @@ def _plot_metrics(rounds: list[dict], path: Path) -> bool:
     # A bare Figure on the Agg canvas: no pyplot global state, no display needed.
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
+    every = [r["round"] for r in rounds if isinstance(r.get("round"), int)]
     for ax, (key, label) in zip(fig.subplots(1, 2), (("rouge_l", "ROUGE-L"), ("train_loss", "train loss"))):
+        ax.set_xlim(min(every) - 0.5, max(every) + 0.5)  # the same rounds on both panels; ROUGE-L where evaluated
         points = series[key]
         if points:
             xs, ys = zip(*points)
