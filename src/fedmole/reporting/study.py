@@ -168,7 +168,8 @@ def _claim(claim, scores: dict, done: list[dict], est: Estimator, study) -> dict
         verdict = stats.verdict_positive(ci if claim.op == ">" or ci is None else [-ci[1], -ci[0]])
         return {"text": claim.text, "kind": "metric", "verdict": verdict, "diff": res["mean"], "ci95": ci,
                 "n": res["n"], "metric": claim.metric, "tier": claim.tier,
-                "estimate": f"{claim.a} - {claim.b} on {claim.metric}"}
+                "estimate": f"{claim.a} − {claim.b} on {claim.metric}"
+                            + (f" at k={claim.tier}" if claim.tier is not None else " (own tiers)")}
     res = stats.ratio_of_medians(_samples(done, claim.a, claim.tier_a), _samples(done, claim.b, claim.tier_b),
                                  study.bootstrap, stats.stable_seed(0, "ratio", claim.text))
     return {"text": claim.text, "kind": "compute", "verdict": stats.verdict_bound(res["ci95"], claim.op, claim.ratio),
@@ -227,7 +228,8 @@ def budget(study, runs: list[dict], rates: dict, sizes: dict) -> dict:
             per_tier = defaultdict(int)
             for x in r["records"]:
                 per_tier[str(x["tier"])] += 1
-            tested[str(r["seed"])] = {"overall": own, "per_tier": dict(sorted(per_tier.items(), key=lambda x: -int(x[0])))}
+            by_tier = dict(sorted(per_tier.items(), key=lambda x: -int(x[0])))
+            tested[str(r["seed"])] = {"overall": own, "per_tier": by_tier}
         per_arm[arm.name] = {
             **({f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in _BUDGET_KEYS} if cfg else {}),
             "lr": rates.get(arm.name, {}).get("lr"),

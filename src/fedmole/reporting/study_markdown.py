@@ -55,10 +55,9 @@ def markdown(result: dict) -> str:
     if result["claims"]:
         rows = []
         for c in result["claims"]:
-            unit = "×" if c["kind"] == "compute" else ""
-            est = "–" if c["diff"] is None else f"{c['diff']:.3f}{unit}" if c["kind"] == "compute" else f"{c['diff']:+.2f}"
-            ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" if c["kind"] == "compute" \
-                else f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]"
+            fmt = "{:.3f}" if c["kind"] == "compute" else "{:+.2f}"  # a ratio, or a difference in points
+            est = "–" if c["diff"] is None else fmt.format(c["diff"]) + ("×" if c["kind"] == "compute" else "")
+            ci = "–" if c["ci95"] is None else f"[{fmt.format(c['ci95'][0])}, {fmt.format(c['ci95'][1])}]"
             rows.append([c["text"], f"**{c['verdict']}**", c["estimate"], est, ci, str(c["n"])])
         lines += ["## Claims", "", *_table(["claim", "verdict", "estimate of", "value", "95% CI", "n"], rows)]
     lines += [HOW, ""]
