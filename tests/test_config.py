@@ -91,3 +91,19 @@ def test_a_tracker_that_is_not_installed_fails_at_load_time(monkeypatch):
         load_config(None, ["run.tracker=mlflow"])
     with pytest.raises(ConfigError, match="allowed: none, tensorboard, mlflow"):
         load_config(None, ["run.tracker=wandb"])
+def test_shuffled_tiers_are_a_seeded_permutation():
+    base = ["data.num_clients=8", "fed.tiers=[8, 4, 2, 1]", "adapter.num_experts=8"]
+    fixed = assign_tiers(load_config(None, base))
+    assert fixed == [8, 8, 4, 4, 2, 2, 1, 1]
+    maps = [assign_tiers(load_config(None, [*base, "fed.tier_assignment=shuffled", f"seed={s}"])) for s in range(4)]
+    assert all(sorted(m) == sorted(fixed) for m in maps)  # the same tiers, reassigned
+    assert len({tuple(m) for m in maps}) > 1  # seeds differ
+    again = assign_tiers(load_config(None, [*base, "fed.tier_assignment=shuffled", "seed=2", "method=hetlora"]))
+    assert again == maps[2]  # the method does not enter the map
+
+
+def test_cross_tier_evaluation_needs_the_local_engine():
+    with pytest.raises(ConfigError, match="eval.tiers = 'all' needs run.engine = 'local'"):
+        load_config(None, ["eval.tiers=all", "run.engine=flower-sim"])
+    with pytest.raises(ConfigError, match="eval.tiers = 'some'; allowed: own, all"):
+        load_config(None, ["eval.tiers=some"])

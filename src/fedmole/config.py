@@ -72,6 +72,7 @@ class DataSection:
     max_per_task: int = opt(0, "examples loaded per task (0 = all)", range=(0, None))
     max_train: int = opt(0, "training examples per client (0 = all)", range=(0, None))
     max_test: int = opt(32, "test examples per client (0 = all)", range=(0, None))
+    max_val: int = opt(0, "validation examples per client (0 = all)", range=(0, None))
     val_frac: float = opt(0.1, "validation fraction", range=(0.0, 0.5))
     test_frac: float = opt(0.1, "test fraction", range=(0.0, 0.5))
     max_len: int = opt(256, "tokens per training sequence (the instruction is truncated, never the answer)",
@@ -129,6 +130,9 @@ class FedSection:
                              range=(0, None))
     client_timeout: float = opt(0.0, "seconds after which a client's reply is dropped as too late (0 = none)",
                                 range=(0.0, None))
+    tier_assignment: str = opt("fixed", "which client gets which tier: fixed (in client order) | shuffled "
+                               "(permuted with run.seed, so a tier is not tied to a task)",
+                               choices=("fixed", "shuffled"))
 
 
 @dataclass
@@ -138,6 +142,11 @@ class EvalSection:
     max_new_tokens: int = opt(32, "greedy decoding bound", range=(1, None))
     batch_size: int = opt(16, "prompts per generation batch", range=(1, None))
     max_prompt_tokens: int = opt(256, "prompt length cap at evaluation", range=(16, None))
+    tiers: str = opt("own", "evaluation: each client at its own tier (own), or every client's test set at "
+                     "every tier's k in use (all: per-tier figures compare like with like)", choices=("own", "all"))
+    before: bool = opt(True, "evaluate the model before training (round 0)")
+    split: str = opt("test", "the split that is scored: test, or val (learning-rate pilots)",
+                     choices=("test", "val"))
 
 
 @dataclass
@@ -344,6 +353,9 @@ def validate(cfg: Config) -> None:
             f"data.tasks lists {len(cfg.data.tasks)} tasks but data.num_clients = {cfg.data.num_clients}; "
             "the task partition needs one task per client"
         )
+    if cfg.eval.tiers == "all" and cfg.run.engine != "local":
+        raise ConfigError(f"eval.tiers = 'all' needs run.engine = 'local' (Flower nodes evaluate their own tier); "
+                          f"run.engine = {cfg.run.engine!r}")
     if cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens > 4096:
         raise ConfigError("eval.max_prompt_tokens + eval.max_new_tokens must stay within 4096")
     check = getattr(cfg.method_options(), "check", None)  # the method's own cross-field rules
@@ -375,8 +387,22 @@ def check_adapter_options(cfg: Config, moe: bool) -> None:
             )
 
 
+TIER_SHUFFLE_SALT = 7_919  # separates the tier permutation's stream from the other uses of run.seed
+
+
 def assign_tiers(cfg: Config) -> list[int]:
-    """Tier of each client: the list as given, or proportions by largest remainder (in client order)."""
+    """Tier of each client: the list as given, or proportions by largest remainder (in client order);
+    with fed.tier_assignment = shuffled, that list permuted with run.seed."""
+    tiers = _tier_list(cfg)
+    if cfg.fed.tier_assignment == "shuffled":
+        import numpy as np
+
+        order = np.random.default_rng([cfg.run.seed, TIER_SHUFFLE_SALT]).permutation(len(tiers))
+        tiers = [tiers[i] for i in order]
+    return tiers
+
+
+def _tier_list(cfg: Config) -> list[int]:
     tiers, props, n = cfg.fed.tiers, cfg.fed.tier_proportions, cfg.data.num_clients
     if not props and len(tiers) == n:
         return list(tiers)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,10 @@ class LocalTrainer:
     decay): each is one scalar per tier and module, which at the LoRA rate moves
     by well under 1% in a short local budget, and decay would pull it towards 0
     instead of its k_ref/k start.
+
+    Every optimizer step's wall time (batch to device, forward, backward, clip, step) is
+    appended to `step_seconds`, which the engine empties before each client step and reads
+    after it. `dataclasses.replace` copies share the list, so their steps are counted too.
     """
 
     steps: int
@@ -57,6 +62,7 @@ class LocalTrainer:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     rescale_lr: float | None = None  # None: the LoRA rate
+    step_seconds: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, params=None) -> float:
         """Run `steps` optimizer steps with k active experts; return the mean loss.
@@ -79,6 +85,7 @@ class LocalTrainer:
         total = 0.0
         try:
             for _ in range(self.steps):
+                started = time.perf_counter()
                 batch = {name: t.to(self.device) for name, t in batches.next().items()}
                 with adapter.route(k, token_mask=batch["attention_mask"], collect=True):
                     with autocast_context(self.device, self.autocast_dtype):
@@ -90,6 +97,9 @@ class LocalTrainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 total += float(lm_loss.detach())
+                if self.device.type == "cuda":  # the step's kernels run asynchronously; time them whole
+                    torch.cuda.synchronize(self.device)
+                self.step_seconds.append(time.perf_counter() - started)
         finally:
             model.eval()
         store["optimizer"] = optimizer.state_dict()

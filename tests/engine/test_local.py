@@ -108,8 +108,9 @@ def test_category_only_file_reaches_every_client_and_the_summary_says_how(tmp_pa
             for c in cats for i in range(30)]
     data = tmp_path / "mine.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    # the tiny config's data.max_per_task = 48 keeps all 30 rows of every task; the default partition is `task`
-    summary = run_local(tiny_cfg("rounds=1", f"data.source='{data}'", "data.max_test=0"), tmp_path / "run")
+    # the default partition is `task`; no cap on rows per task, and the tiny config's own task list cleared
+    summary = run_local(tiny_cfg("rounds=1", f"data.source='{data}'", "data.max_test=0", "data.max_per_task=0",
+                                 "data.max_val=0", "data.tasks=[]"), tmp_path / "run")
     d = summary["data"]
     assert (d["rows_loaded"], d["rows_assigned"], d["rows_used"]) == (180, 180, 180)  # every row reaches a client
     assert sorted(c["tasks"][0] for c in d["clients"]) == sorted(cats)

@@ -61,6 +61,9 @@ class Method:
 
     # evaluated on each client's own model (kept in its runtime store), not on the global state
     personalized: ClassVar[bool] = False
+    # Whether the model a client is evaluated with can run at another tier's k (eval.tiers = all);
+    # False for personal models of one size and for models that ignore the tier.
+    cross_tier_eval: ClassVar[bool] = True
 
     @classmethod
     def build_adapter(
@@ -140,10 +143,28 @@ class Method:
             tokens=tokens,
         )
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        """Load the weights this client is evaluated with; return its k."""
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
+        """Load the weights this client is evaluated with at `tier` (default: its own); return the k
+        to route with."""
         rt.adapter.load_state_dict(global_state)
-        return rt.tier
+        return rt.tier if tier is None else tier
+
+    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
+        """The tiers at which this client is scored when every tier is evaluated (eval.tiers = all):
+        all of `tiers`, or only its own when the method has no cross-tier view (`cross_tier_eval`)."""
+        return list(tiers) if self.cross_tier_eval else [rt.tier]
+
+
+def timed_update(method: Method, rt: ClientRuntime, instruction: Instruction) -> Reply:
+    """`method.client_update` with the client's mean optimizer-step seconds and its step count
+    in `reply.metrics` ("step_seconds", "steps"), as its trainer measured them."""
+    rt.trainer.step_seconds.clear()
+    reply = method.client_update(rt, instruction)
+    times = rt.trainer.step_seconds
+    if times:
+        reply.metrics["step_seconds"] = sum(times) / len(times)
+        reply.metrics["steps"] = len(times)
+    return reply
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:

@@ -38,6 +38,7 @@ class Centralized(LoRAMethod):
 
     name = "centralized"
     Options = CentralizedOptions
+    cross_tier_eval = False  # one full-rank model, the same at every tier
 
     def __init__(self, options, adapter, tiers, seed):
         adapter.fix_rank(adapter.max_rank)

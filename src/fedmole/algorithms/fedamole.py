@@ -162,6 +162,7 @@ class FedAMoLE(Method):
     @classmethod
     def ignored_reason(cls, key: str, moe: bool) -> str:
         return "FedAMoLE's experts, router and shared expert are set in [fedamole] (pool_size, top_k, shared_expert)"
+    cross_tier_eval = False  # every client routes top_k of its own experts, whatever its tier
 
     @classmethod
     def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int],
@@ -314,7 +315,7 @@ class FedAMoLE(Method):
             out.update({expert_emb_key(m, j): e[row].clone() for row, j in enumerate(held[m])})
         return out
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         """Personalised: the client's own model after its latest local training; before any,
         the global experts of its current assignment."""
         personal = rt.store.get("personal")

@@ -164,6 +164,8 @@ class FLoRA(LoRAMethod):
         state, loss = self.train_view(rt, lora, instruction.tier)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        rt.adapter.set_merged(self.merged)
-        return super().eval_view(rt, global_state)
+    def eval_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
+        """Load what `final_state` holds: the fresh LoRA and the merged base deltas. The deltas come
+        with the state, not from this instance, because a Flower node's method never aggregates."""
+        rt.adapter.set_merged({split_key(k)[0]: v for k, v in state.items() if split_key(k)[1] == "merged"})
+        return super().eval_view(rt, {k: v for k, v in state.items() if split_key(k)[1] != "merged"}, tier)

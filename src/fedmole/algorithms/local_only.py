@@ -29,6 +29,7 @@ class LocalOnly(LoRAMethod):
     name = "local"
     personalized = True
     Options = LocalOptions
+    cross_tier_eval = False  # a personal adapter of the client's own rank
 
     def __init__(self, options, adapter, tiers, seed):
         super().__init__(options, adapter, tiers, seed)
@@ -60,6 +61,8 @@ class LocalOnly(LoRAMethod):
         rt.store["personal"] = state
         return Reply(instruction.round, rt.client_id, {}, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         rt.adapter.load_state_dict(rt.store.get("personal") or self.client_view(global_state, rt.client_id))
         return rt.tier
+
+

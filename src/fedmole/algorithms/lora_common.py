@@ -64,6 +64,7 @@ class LoRAMethod(Method):
         self.shapes = adapter.shapes()  # at the allocated rank r_max
         self.alpha = adapter.cfg.alpha
         self.max_rank = adapter.max_rank
+        self.rank_of = adapter.rank_of  # tier -> LoRA rank
         self.ranks = [adapter.rank_of(t) for t in tiers]  # rank of each client id
         self.server_rank = self.max_rank  # rank of the global state
 
@@ -73,7 +74,11 @@ class LoRAMethod(Method):
 
     def client_view(self, global_state: State, client_id: int) -> State:
         """The adapter client `client_id` starts from (and is evaluated with)."""
-        return truncate_lora(global_state, self.ranks[client_id])
+        return self.tier_view(global_state, self.tiers[client_id])
+
+    def tier_view(self, global_state: State, tier: int) -> State:
+        """The adapter a client of tier `tier` runs: the rank-r_k view of the global state."""
+        return truncate_lora(global_state, self.rank_of(tier))
 
     def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
         return [Instruction(rnd, c, self.client_view(global_state, c), self.tiers[c]) for c in client_ids]
@@ -102,9 +107,10 @@ class LoRAMethod(Method):
         state, loss = self.train_view(rt, instruction.state, instruction.tier)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        rt.adapter.load_state_dict(self.client_view(global_state, rt.client_id))
-        return rt.tier
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
+        k = rt.tier if tier is None else tier
+        rt.adapter.load_state_dict(self.tier_view(global_state, k))
+        return k
 
 
 def stack_lora(

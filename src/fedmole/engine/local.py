@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
 from fedmole.config import Config
+from fedmole.engine.evaluation import (
+    compute_summary,
+    evaluate_client,
+    headline,
+    summarise,
+    tiers_to_evaluate,
+    write_predictions,
+)
 from fedmole.console import bars_enabled, round_line
 from fedmole.engine.setup import Setup, describe_setup
-from fedmole.evaluation.generate import evaluate_generation
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
+from fedmole.reporting.report import read_metrics
 from fedmole.reporting.rundir import RunDir
 from fedmole.reporting.tracker import open_tracker
 
@@ -64,10 +71,13 @@ class LocalEngine:
         else:
             out.write_config(cfg.to_dict())
             global_state = self.method.initial_state(self.setup.adapter)
-            before = self.evaluate(global_state, rnd=0)
-            out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
-            tracker.log({"round": 0, **_headline(before)})
-            log.info("before training: rouge_l %.2f, exact_match %.2f", before["rouge_l"], before["exact_match"])
+            before = None
+            if cfg.eval.before:
+                before = self.evaluate(global_state, rnd=0)
+                before.pop("records", None)
+                out.log_round({"round": 0, **headline(before), "seconds": 0.0})
+                tracker.log({"round": 0, **headline(before)})
+                log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in headline(before).items()))
             first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
         loop_started = time.perf_counter()
         last_replies: list[Reply] = []
@@ -99,13 +109,15 @@ class LocalEngine:
             row = {
                 "round": rnd,
                 "train_loss": float(np.mean([r.train_loss for r in accepted])),
-                **(_headline(evaluation) if evaluation else {}),
+                **(headline(evaluation) if evaluation else {}),
                 "clients": [r.client_id for r in accepted],
                 "rejected": {str(c): why for c, why in rejected.items()},
                 "num_rejected": len(rejected),
                 "comm_bytes_up": up,
                 "comm_bytes_down": down,
                 "seconds": round(time.perf_counter() - t0, 3),
+                "compute": [{"client": r.client_id, "tier": r.tier, "step_seconds": r.metrics["step_seconds"],
+                             "steps": r.metrics["steps"]} for r in accepted if "step_seconds" in r.metrics],
                 **self.method.round_metrics(),
             }
             self.checkpoint(rnd, global_state, before, comm, spent + time.perf_counter() - started)  # checkpoint
@@ -116,6 +128,9 @@ class LocalEngine:
             last_replies = accepted
 
         final = evaluation if evaluation is not None else self.evaluate(global_state, cfg.run.rounds)
+        records = final.pop("records", None)
+        if records:  # engines whose clients score remotely return no per-example records
+            write_predictions(out.path, records)
         trained = self.method.final_state(global_state)
         out.save_adapter(trained)
         summary = {
@@ -124,10 +139,11 @@ class LocalEngine:
             "model": cfg.model.name,
             "rounds": cfg.run.rounds,
             "seed": cfg.run.seed,
-            "metrics": _headline(final),
-            "baseline_metrics": _headline(before),
+            "metrics": headline(final),
+            "baseline_metrics": headline(before) if before else None,
             "per_client": final["per_client"],
             "per_tier": final["per_tier"],
+            "compute": compute_summary(read_metrics(out.metrics_path)),
             "comm_bytes": comm,
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
             "final_state_sha256": state_sha256(trained),
@@ -191,7 +207,7 @@ class LocalEngine:
             torch.manual_seed(client_seed(self.cfg.run.seed, rnd, rt.client_id))
             t0 = time.perf_counter()
             try:
-                reply = self.method.client_update(rt, instruction)
+                reply = timed_update(self.method, rt, instruction)
             except Exception as e:  # one failing client must not stop the round
                 log.warning("round %d: client %d failed: %r", rnd, rt.client_id, e)
                 failures[rt.client_id] = f"exception: {e!r}"
@@ -230,13 +246,18 @@ class LocalEngine:
         return rnd == self.cfg.run.rounds or (every > 0 and rnd % every == 0)
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
-        """Generate on every client's test split with its tier's k; per client, per tier, mean."""
-        per_client = {}
+        """Score every client's eval split at its tier's k (every tier's, with eval.tiers = all);
+        per client, per tier, mean, and the per-example `records`."""
+        per_client, records = {}, []
+        tiers = tiers_to_evaluate(self.setup)
+        state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
         bar = tqdm(self.setup.runtimes, desc=f"evaluate (round {rnd})", unit="client",
                    disable=not self.progress, leave=False)
         for rt in bar:
-            per_client[rt.data.name] = evaluate_client(self.setup, rt, global_state)
-        return summarise(per_client)
+            result = evaluate_client(self.setup, rt, state, tiers)
+            records += result.pop("records")
+            per_client[rt.data.name] = result
+        return {**summarise(per_client), "records": records}
 
     def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
         """Fraction of routed tokens per expert, averaged over modules, per client of the last round."""
@@ -249,47 +270,8 @@ class LocalEngine:
         return usage
 
 
-def evaluate_client(setup: Setup, rt: ClientRuntime, global_state: State) -> dict:
-    """One client's test metrics with the weights `Method.eval_view` gives it (shared by every engine)."""
-    e = setup.cfg.eval
-    k = setup.method.eval_view(rt, global_state)
-    with setup.adapter.route(k):
-        res = evaluate_generation(
-            setup.model, setup.tokenizer, rt.data.test, setup.encode_prompt,
-            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, autocast_dtype=setup.autocast,
-            progress=bars_enabled(setup.cfg.run.progress),
-        )
-    log.debug("evaluated client %d (k=%d): rouge_l %.2f over %d examples", rt.client_id, k, res["rouge_l"], res["n"])
-    return {"client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
-            "exact_match": res["exact_match"], "n": res["n"]}
-
-
-def summarise(per_client: dict) -> dict:
-    tiers = defaultdict(list)
-    for name, m in per_client.items():
-        tiers[m["tier"]].append(m)
-    per_tier = {
-        str(t): {
-            "rouge_l": float(np.mean([m["rouge_l"] for m in ms])),
-            "exact_match": float(np.mean([m["exact_match"] for m in ms])),
-            "clients": len(ms),
-        }
-        for t, ms in sorted(tiers.items(), reverse=True)
-    }
-    return {
-        "rouge_l": float(np.mean([m["rouge_l"] for m in per_client.values()])),
-        "exact_match": float(np.mean([m["exact_match"] for m in per_client.values()])),
-        "per_client": per_client,
-        "per_tier": per_tier,
-    }
-
-
-def _headline(evaluation: dict) -> dict:
-    return {"rouge_l": evaluation["rouge_l"], "exact_match": evaluation["exact_match"]}
-
-
 def run_local(cfg: Config, run_dir: str | Path) -> dict:
     return LocalEngine(cfg, run_dir).run()
 
 
-__all__ = ["LocalEngine", "RoundFailed", "run_local", "ClientRuntime"]
+__all__ = ["LocalEngine", "RoundFailed", "run_local", "ClientRuntime", "evaluate_client", "summarise"]

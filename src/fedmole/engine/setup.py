@@ -103,7 +103,7 @@ def load_clients(cfg: Config, tiers: list[int]) -> tuple[list[ClientData], dict]
                  "no client", len(examples) - assigned, len(examples))
     clients = build_clients(
         parts, seed, val_frac=d.val_frac, test_frac=d.test_frac,
-        max_train=d.max_train or None, max_test=d.max_test or None,
+        max_train=d.max_train or None, max_val=d.max_val or None, max_test=d.max_test or None,
     )
     summary = data_summary(d.source, d.partition, len(examples), assigned, clients, tiers)
     if summary["rows_used"] < assigned:

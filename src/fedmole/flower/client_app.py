@@ -24,7 +24,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
 from fedmole.engine.local import evaluate_client
 from fedmole.engine.setup import Setup
 from fedmole.flower import serde
@@ -81,7 +81,7 @@ def train(message: Message, context: Context) -> Message:
         setup, rt = restore(message.content, context, instruction.client_id)
         torch.manual_seed(client_seed(setup.cfg.run.seed, instruction.round, rt.client_id))
         t0 = time.perf_counter()
-        reply = setup.method.client_update(rt, instruction)
+        reply = timed_update(setup.method, rt, instruction)
         reply.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
         serde.save_client_state(context.state, {
             "client_id": rt.client_id, "store": rt.store, "batches": rt.batches.state_dict(),

@@ -277,7 +277,8 @@ def result_content(name: str, result: dict) -> RecordDict:
     """One client's evaluation (`fedmole.engine.local.evaluate_client` output) as records."""
     meta = ConfigRecord({"name": name, "client-id": result["client_id"], "tier": result["tier"]})
     metrics = MetricRecord({"rouge-l": float(result["rouge_l"]), "exact-match": float(result["exact_match"]),
-                            "n": int(result["n"])})
+                            "n": int(result["n"]),
+                            **({"accuracy": float(result["accuracy"])} if "accuracy" in result else {})})
     return RecordDict({"evaluate": meta, "metrics": metrics})
 
 
@@ -286,4 +287,5 @@ def read_result(content: RecordDict) -> tuple[str, dict]:
     m = _get(content, "metrics", MetricRecord)
     return str(meta["name"]), {"client_id": int(meta["client-id"]), "tier": int(meta["tier"]),
                                "rouge_l": float(m["rouge-l"]), "exact_match": float(m["exact-match"]),
+                               **({"accuracy": float(m["accuracy"])} if "accuracy" in m else {}),
                                "n": int(m["n"])}

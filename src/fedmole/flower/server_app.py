@@ -70,7 +70,8 @@ class FlowerEngine(LocalEngine):
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
         clients = [rt.client_id for rt in self.setup.runtimes]
-        per_client, failures = self.strategy.evaluate(self.grid, rnd, global_state, clients)
+        state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
+        per_client, failures = self.strategy.evaluate(self.grid, rnd, state, clients)
         for c, why in failures.items():
             log.warning("evaluation (round %d): client %d failed: %s", rnd, c, why)
         if not per_client:
@@ -105,7 +106,8 @@ def with_node_tiers(cfg: Config, declared: dict[int, int | None]) -> Config:
     if resolved == tiers:
         return cfg
     log.info("tiers from the nodes' config: %s (config gave %s)", resolved, tiers)
-    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]"])
+    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]",
+                                                              "fed.tier_assignment=fixed"])  # already resolved
 
 
 def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0,
