@@ -9,6 +9,7 @@ a table named after the method (e.g. `[flame]`), registered by the method.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -188,6 +189,8 @@ def _check_scalar(where: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; range checks would let nan through
+            raise ConfigError(f"{where} = {value!r}; allowed: a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
