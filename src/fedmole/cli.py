@@ -151,9 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from fedmole.assets import AssetError
         from fedmole.data.sources import DataError
+        from fedmole.engine.local import ResumeError
 
         if isinstance(e, (AssetError, DataError)):
             print(f"fedmole: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, ResumeError):
+            print(f"fedmole: cannot resume: {e}", file=sys.stderr)
             return 2
         raise
 

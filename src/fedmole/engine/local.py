@@ -31,6 +31,10 @@ class RoundFailed(RuntimeError):
     """Too few clients replied with an acceptable update."""
 
 
+class ResumeError(RuntimeError):
+    """A run directory cannot be continued (the message says why)."""
+
+
 def reply_nbytes(reply: Reply) -> int:
     counts = sum(c.numel() * c.element_size() for c in reply.expert_counts.values())
     return state_nbytes(reply.state) + state_nbytes(reply.extra) + counts
@@ -60,7 +64,8 @@ class LocalEngine:
             out.write_config(cfg.to_dict())
             global_state = self.method.initial_state(self.setup.adapter)
             before = self.evaluate(global_state, rnd=0)
-            out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
+            self.rows = [{"round": 0, **_headline(before), "seconds": 0.0}]
+            out.write_metrics(self.rows)  # starting over replaces what an earlier attempt wrote
             first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
         last_replies: list[Reply] = []
         evaluation = None
@@ -99,8 +104,9 @@ class LocalEngine:
                 "comm_bytes_down": down,
                 "seconds": round(time.perf_counter() - t0, 3),
             }
+            self.rows.append(row)
             self.checkpoint(rnd, global_state, before, comm, spent + time.perf_counter() - started)  # checkpoint
-            out.log_round(row)
+            out.log_round(row)  # after the checkpoint, which holds the row too
             log.info("round %d: loss %.4f%s", rnd, row["train_loss"],
                      f", rouge_l {row['rouge_l']:.2f}" if "rouge_l" in row else "")
             last_replies = accepted
@@ -132,12 +138,14 @@ class LocalEngine:
 
     # -- checkpoints -------------------------------------------------------------
     def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
-        clients = {
-            rt.client_id: {"store": rt.store, "batches": rt.batches.state_dict()} for rt in self.setup.runtimes
-        }
-        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "before": before,
-                "comm": comm, "seconds": seconds}
-        self.out.checkpoint(rnd, global_state, self.method.state_dict(), clients, meta)
+        """Save round `rnd`: global and server state, client state, and every metric row so far."""
+        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "engine": self.name, "before": before,
+                "comm": comm, "seconds": seconds, "rows": self.rows}
+        self.out.checkpoint(rnd, global_state, self.method.state_dict(), self.client_states(), meta)
+
+    def client_states(self) -> dict:
+        """What each client keeps between rounds (optimizer, personal tensors, batch position)."""
+        return {rt.client_id: {"store": rt.store, "batches": rt.batches.state_dict()} for rt in self.setup.runtimes}
 
     def restore(self) -> tuple[int, State, dict, dict, float] | None:
         """Load the newest good checkpoint into the method and clients; None if there is none."""
@@ -146,9 +154,18 @@ class LocalEngine:
             log.warning("no usable checkpoint in %s; starting from round 1", self.out.path)
             return None
         meta = ckpt["meta"]
+        engine = meta.get("engine", "local")
+        if engine != "local":
+            raise ResumeError(
+                f"{self.out.path} was run on the {engine} engine: its clients' optimizer state and batch "
+                "positions lived on the Flower nodes and ended with the run, and its checkpoints hold only the "
+                "server's half (global adapter, method state); start a new run")
         if meta.get("method") != self.cfg.run.method or meta.get("seed") != self.cfg.run.seed:
-            raise RuntimeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
-                               f"seed {meta.get('seed')}, not this run's config")
+            raise ResumeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
+                              f"seed {meta.get('seed')}, not this run's config")
+        if "rows" not in meta:
+            raise ResumeError(f"checkpoint {ckpt['path']} holds no metric rows (written by an older fedmole); "
+                              "start a new run")
         self.setup.adapter.load_state_dict(ckpt["global_state"])  # also checks keys and shapes
         self.method.load_state_dict(ckpt["server"])
         for rt in self.setup.runtimes:
@@ -157,7 +174,8 @@ class LocalEngine:
             rt.store.update(saved["store"])
             rt.batches.load_state_dict(saved["batches"])
         rnd = int(meta["round"])
-        self.out.truncate_metrics(rnd)
+        self.rows = list(meta["rows"])
+        self.out.write_metrics(self.rows)
         log.info("resuming %s after round %d (%s)", self.out.path, rnd, ckpt["path"].name)
         return rnd + 1, ckpt["global_state"], meta["before"], dict(meta["comm"]), float(meta["seconds"])
 
@@ -276,4 +294,4 @@ def run_local(cfg: Config, run_dir: str | Path) -> dict:
     return LocalEngine(cfg, run_dir).run()
 
 
-__all__ = ["LocalEngine", "RoundFailed", "run_local", "ClientRuntime"]
+__all__ = ["LocalEngine", "RoundFailed", "ResumeError", "run_local", "ClientRuntime"]

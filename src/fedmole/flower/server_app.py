@@ -29,7 +29,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmole.config import Config, ConfigError, assign_tiers, load_config
-from fedmole.engine.local import LocalEngine, summarise
+from fedmole.engine.local import LocalEngine, ResumeError, summarise
 from fedmole.flower import serde
 from fedmole.flower.strategy import FedmoleStrategy, discover_nodes
 from fedmole.messages import Instruction, Reply, State
@@ -49,8 +49,8 @@ class FlowerEngine(LocalEngine):
 
     def run(self, resume: bool = False) -> dict:
         if resume:
-            raise RuntimeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
-                               "lived in its node's context, which ended with the run; start a new run")
+            raise ResumeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
+                              "lived in its node's context, which ended with the run; start a new run")
         return super().run()
 
     def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
@@ -82,11 +82,8 @@ class FlowerEngine(LocalEngine):
         return (sum(serde.payload_nbytes(i.state, dtype) for i in instructions),
                 sum(serde.reply_payload_nbytes(r, dtype) for r in replies))
 
-    def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
-        # Client state lives on the nodes; the checkpoint keeps the server's half.
-        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "before": before,
-                "comm": comm, "seconds": seconds, "engine": self.name}
-        self.out.checkpoint(rnd, global_state, self.method.state_dict(), {}, meta)
+    def client_states(self) -> dict:
+        return {}  # client state lives on the nodes; the checkpoint keeps the server's half
 
 
 def is_simulation(grid: Grid) -> bool:

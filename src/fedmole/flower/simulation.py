@@ -20,8 +20,10 @@ def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False, cp
                    round_timeout: float | None = None) -> dict:
     """Run `cfg` on the Simulation Engine, write `run_dir`, return the summary."""
     if resume:
-        raise RuntimeError("a flower-sim run cannot be resumed: each client's optimizer state and batch position "
-                           "lived in its virtual node's context, which ended with the run; start a new run")
+        from fedmole.engine.local import ResumeError
+
+        raise ResumeError("a flower-sim run cannot be resumed: each client's optimizer state and batch position "
+                          "lived in its virtual node's context, which ended with the run; start a new run")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors; silences a Ray notice
     logging.getLogger("flwr").propagate = False  # flwr prints through its own handler; no duplicates
     try:
