@@ -115,8 +115,25 @@ class FedSection:
     min_clients: int = opt(1, "fewest accepted replies for a round to count", range=(1, None))
     round_retries: int = opt(0, "times a round is redrawn when fewer than min_clients replies are accepted",
                              range=(0, None))
-    client_timeout: float = opt(0.0, "seconds after which a client's reply is dropped as too late (0 = none)",
+    client_timeout: float = opt(0.0, "seconds a client's local update may take by the wall clock; past it the "
+                                "client is dropped from the round and its work discarded (0 = no limit)",
                                 range=(0.0, None))
+    round_timeout: float = opt(0.0, "Flower: seconds the server waits for one round's replies (0 = "
+                               "fed.client_timeout x clients in the round + 60, or no limit without a client_timeout)",
+                               range=(0.0, None))
+    max_example_ratio: float = opt(1.0, "a reply may claim at most this x the training examples the server knows "
+                                   "for its client (its split; on Flower what its node declared); 0 = no bound",
+                                   range=(0.0, None))
+    update_norm_factor: float = opt(10.0, "an update (distance from the state the client was sent) longer than "
+                                    "this x the median of the round's other updates is rejected or clipped "
+                                    "(0 = off, else >= 1)", range=(0.0, None))
+    update_norm_action: str = opt("reject", "what happens to an update beyond fed.update_norm_factor",
+                                  choices=("reject", "clip"))
+    robust: str = opt("none", "robust aggregation: none | clip (every update clipped to the round's median "
+                      "length) | trimmed_mean (the method's weighted averages become weighted trimmed means; "
+                      "flame, fedit, hetlora)", choices=("none", "clip", "trimmed_mean"))
+    trim_fraction: float = opt(0.1, "fed.robust = trimmed_mean: share of the weight cut from each end, per "
+                               "coordinate", range=(0.0, 0.45))
 
 
 @dataclass
@@ -155,6 +172,12 @@ def _method_registry() -> dict[str, type]:
     from fedmole.algorithms import METHOD_OPTIONS
 
     return METHOD_OPTIONS
+
+
+def _method_classes() -> dict[str, type]:
+    from fedmole.algorithms import METHODS
+
+    return METHODS
 
 
 def _check_value(where: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
@@ -279,6 +302,13 @@ def validate(cfg: Config) -> None:
             )
         if any(p < 0 for p in props) or sum(props) <= 0:
             raise ConfigError(f"fed.tier_proportions = {props}; entries must be >= 0 with a positive sum")
+    if 0 < cfg.fed.update_norm_factor < 1:
+        raise ConfigError(f"fed.update_norm_factor = {cfg.fed.update_norm_factor}; allowed: 0 (off) or >= 1")
+    if cfg.fed.robust == "trimmed_mean":
+        if not _method_classes()[cfg.run.method].robust_averaging:
+            raise ConfigError(f"fed.robust = 'trimmed_mean' does not apply to {cfg.run.method}, whose aggregation "
+                              "is not a weighted average of the clients' tensors; allowed for: "
+                              + ", ".join(n for n, c in _method_classes().items() if c.robust_averaging))
     if cfg.fed.min_clients > cfg.data.num_clients:
         raise ConfigError(
             f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"

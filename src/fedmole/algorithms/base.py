@@ -38,6 +38,10 @@ class Method:
 
     name: ClassVar[str] = ""
     Options: ClassVar[type]
+    # its aggregation is built from the averaging helpers of algorithms/aggregate.py, so
+    # `fed.robust = "trimmed_mean"` applies (they get `trim`, set by the engine's setup)
+    robust_averaging: ClassVar[bool] = False
+    trim: float = 0.0
 
     @classmethod
     def build_adapter(
@@ -67,7 +71,7 @@ class Method:
         return [Instruction(rnd, c, global_state, self.tiers[c]) for c in client_ids]
 
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
-        """Why this reply must be rejected, or None."""
+        """Why this well-typed reply (`validate.check_types`) must be rejected, or None."""
         from fedmole.algorithms.validate import check_reply
 
         if reply.tier != instruction.tier:
@@ -76,6 +80,10 @@ class Method:
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         raise NotImplementedError
+
+    def known_examples(self, train_sizes: dict[int, int]) -> dict[int, int]:
+        """The example count each client's reply may claim, from the clients' training-set sizes."""
+        return dict(train_sizes)
 
     def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
         """Called once with every client's runtime (only the centralised reference uses it)."""

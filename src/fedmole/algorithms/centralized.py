@@ -52,6 +52,10 @@ class Centralized(LoRAMethod):
         self.pool = TrainBatches(items, batch_size=first.batch_size, seed=self.seed * 1000 + POOL_SEED,
                                  pad_id=first.pad_id)
 
+    def known_examples(self, train_sizes: dict[int, int]) -> dict[int, int]:
+        total = sum(train_sizes.values())  # the data centre trains on every client's data
+        return {c: total for c in train_sizes}
+
     def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
         c = client_ids[0]
         return [Instruction(rnd, c, dict(global_state), self.tiers[c], config={"clients": len(client_ids)})]

@@ -39,10 +39,11 @@ def product_norm(A: torch.Tensor, B: torch.Tensor) -> float:
     return float(((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0).sqrt())
 
 
-def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: int) -> State:
+def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: int, trim: float = 0.0) -> State:
     """New rank-`max_rank` global state from rank-r_i client states (pure).
 
-    Per module m: A = sum_i w_i pad(A_i) / sum_i w_i, B likewise, w_i = ||B_i A_i||_F.
+    Per module m: A = sum_i w_i pad(A_i) / sum_i w_i, B likewise, w_i = ||B_i A_i||_F
+    (weighted trimmed means with trim > 0).
     """
     padded = [pad_lora(s, max_rank) for s in states]
     pairs = [lora_pairs(s) for s in states]
@@ -53,7 +54,7 @@ def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: i
             w = [float(n) for n in sizes]
         for name in ("lora_A", "lora_B"):
             key = f"{module}.{name}"
-            new[key] = weighted_average([p[key] for p in padded], w)
+            new[key] = weighted_average([p[key] for p in padded], w, trim)
     return new
 
 
@@ -63,8 +64,10 @@ class HetLoRA(LoRAMethod):
 
     name = "hetlora"
     Options = HetLoRAOptions
+    robust_averaging = True
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:
             return {k: v.clone() for k, v in previous.items()}
-        return aggregate_hetlora([r.state for r in replies], [r.num_examples for r in replies], self.max_rank)
+        return aggregate_hetlora([r.state for r in replies], [r.num_examples for r in replies], self.max_rank,
+                                 self.trim)

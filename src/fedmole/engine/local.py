@@ -18,7 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.algorithms import robust
 from fedmole.config import Config
+from fedmole.engine.guard import Limits, admit_train, screen_updates
 from fedmole.engine.setup import Setup
 from fedmole.evaluation.generate import evaluate_generation
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
@@ -51,6 +53,11 @@ class LocalEngine:
         self.setup = Setup(cfg)
         self.method = self.setup.method
         self.progress = cfg.run.progress
+        self.limits = Limits.from_config(
+            cfg, self.method.known_examples({rt.client_id: len(rt.data.train) for rt in self.setup.runtimes}),
+            {rt.client_id: len(rt.data.test) for rt in self.setup.runtimes})
+        self.norm_reference: float | None = None  # median update length of the last round (engine/guard.py)
+        self.client_seconds: dict[int, float] = {}  # wall seconds of each client's last update
 
     # -- the round loop --------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -73,10 +80,10 @@ class LocalEngine:
         for rnd in range(first, cfg.run.rounds + 1):
             t0 = time.perf_counter()
             for attempt in range(cfg.fed.round_retries + 1):
-                selected = self.select(rnd, attempt)                                 # select
-                instructions = self.method.configure(rnd, selected, global_state)    # configure
-                replies, failures = self.train_clients(rnd, instructions)            # train
-                accepted, rejected = self.validate(replies, instructions)            # validate
+                selected = self.select(rnd, attempt)                                  # select
+                instructions = self.method.configure(rnd, selected, global_state)     # configure
+                replies, failures = self.train_clients(rnd, instructions)             # train
+                accepted, rejected = self.validate(replies, instructions)             # validate
                 rejected.update(failures)
                 if len(accepted) >= cfg.fed.min_clients:
                     break
@@ -87,7 +94,7 @@ class LocalEngine:
                     f"round {rnd}: {len(accepted)} acceptable replies, fed.min_clients = {cfg.fed.min_clients}, "
                     f"after {cfg.fed.round_retries + 1} attempt(s); rejected: {rejected}"
                 )
-            global_state = self.method.aggregate(rnd, accepted, global_state)   # aggregate
+            global_state = self.aggregate(rnd, accepted, instructions, global_state)       # aggregate
             evaluation = self.evaluate(global_state, rnd) if self.eval_due(rnd) else None  # evaluate
 
             down, up = self.payload_bytes(instructions, accepted)
@@ -97,6 +104,7 @@ class LocalEngine:
                 "round": rnd,
                 "train_loss": float(np.mean([r.train_loss for r in accepted])),
                 **(_headline(evaluation) if evaluation else {}),
+                **({"eval_missing": evaluation["missing"]} if evaluation and evaluation.get("missing") else {}),
                 "clients": [r.client_id for r in accepted],
                 "rejected": {str(c): why for c, why in rejected.items()},
                 "num_rejected": len(rejected),
@@ -128,6 +136,7 @@ class LocalEngine:
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
             "final_state_sha256": state_sha256(trained),
             "expert_usage": self.expert_usage(last_replies),
+            "evaluation_missing": final.get("missing", {}),  # clients the final evaluation lacks, and why
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
         }
         out.write_summary(summary)
@@ -140,7 +149,7 @@ class LocalEngine:
     def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
         """Save round `rnd`: global and server state, client state, and every metric row so far."""
         meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "engine": self.name, "before": before,
-                "comm": comm, "seconds": seconds, "rows": self.rows}
+                "comm": comm, "seconds": seconds, "rows": self.rows, "norm_reference": self.norm_reference}
         self.out.checkpoint(rnd, global_state, self.method.state_dict(), self.client_states(), meta)
 
     def client_states(self) -> dict:
@@ -176,6 +185,7 @@ class LocalEngine:
         rnd = int(meta["round"])
         self.rows = list(meta["rows"])
         self.out.write_metrics(self.rows)
+        self.norm_reference = meta.get("norm_reference")
         log.info("resuming %s after round %d (%s)", self.out.path, rnd, ckpt["path"].name)
         return rnd + 1, ckpt["global_state"], meta["before"], dict(meta["comm"]), float(meta["seconds"])
 
@@ -188,8 +198,10 @@ class LocalEngine:
         rng = np.random.default_rng([self.cfg.run.seed, rnd, attempt])
         return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
 
-    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
-        replies, failures = [], {}
+    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[dict[int, object], dict[int, str]]:
+        """What each client returned (client id -> undecoded reply, in instruction order) and why
+        the others returned nothing."""
+        replies, failures = {}, {}
         bar = tqdm(instructions, desc=f"round {rnd}/{self.cfg.run.rounds}", unit="client",
                    disable=not self.progress, leave=False)
         for instruction in bar:
@@ -208,22 +220,43 @@ class LocalEngine:
                 log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, rt.client_id, seconds)
                 failures[rt.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
                 continue
-            reply.metrics.setdefault("seconds", round(seconds, 3))
-            bar.set_postfix(loss=f"{reply.train_loss:.3f}")
-            replies.append(reply)
+            self.client_seconds[rt.client_id] = round(seconds, 3)
+            replies[rt.client_id] = reply
         return replies, failures
 
-    def validate(self, replies: list[Reply], instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+    def decode(self, raw: object) -> Reply:
+        """The Reply inside what a client returned (in-process clients return the Reply itself)."""
+        return raw  # type: ignore[return-value]
+
+    def validate(self, raw: dict[int, object], instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+        """The acceptable replies (instruction order) and why the others were rejected (engine/guard.py)."""
         sent = {i.client_id: i for i in instructions}
         accepted, rejected = [], {}
-        for reply in replies:
-            why = self.method.check(reply, sent[reply.client_id]) if reply.client_id in sent else "not selected"
+        for c, item in raw.items():
+            reply, why = admit_train(lambda: self.decode(item), sent[c], self.method, self.limits)
             if why:
-                log.warning("rejected reply of client %d: %s", reply.client_id, why)
-                rejected[reply.client_id] = why
+                rejected[c] = why
             else:
                 accepted.append(reply)
+        accepted, screened, norms = screen_updates(accepted, sent, self.limits, self.norm_reference)
+        rejected.update(screened)
+        if norms:
+            self.norm_reference = float(np.median(norms))
+        for c, why in rejected.items():
+            log.warning("rejected reply of client %d: %s", c, why)
+        for reply in accepted:
+            if reply.client_id in self.client_seconds:
+                reply.metrics.setdefault("seconds", self.client_seconds[reply.client_id])
         return accepted, rejected
+
+    def aggregate(self, rnd: int, accepted: list[Reply], instructions: list[Instruction], previous: State) -> State:
+        """The method's aggregation, after `fed.robust = "clip"` has clipped every update to the median length."""
+        if self.cfg.fed.robust == "clip":
+            sent = {i.client_id: i for i in instructions}
+            clipped = robust.clip_to_median([r.state for r in accepted], [sent[r.client_id].state for r in accepted])
+            for reply, state in zip(accepted, clipped):
+                reply.state = state
+        return self.method.aggregate(rnd, accepted, previous)
 
     def payload_bytes(self, instructions: list[Instruction], replies: list[Reply]) -> tuple[int, int]:
         """Tensor payload bytes sent down and up this round (a transport that re-encodes payloads overrides it)."""
@@ -242,6 +275,9 @@ class LocalEngine:
             per_client[rt.data.name] = evaluate_client(self.setup, rt, global_state)
         return summarise(per_client)
 
+    def client_name(self, client_id: int) -> str:
+        return self.setup.runtimes[client_id].data.name
+
     def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
         """Fraction of routed tokens per expert, averaged over modules, per client of the last round."""
         usage = {}
@@ -249,7 +285,7 @@ class LocalEngine:
             if not r.expert_counts:
                 continue
             fracs = [c / c.sum().clamp_min(1) for c in r.expert_counts.values()]
-            usage[self.setup.runtimes[r.client_id].data.name] = torch.stack(fracs).mean(0).tolist()
+            usage[self.client_name(r.client_id)] = torch.stack(fracs).mean(0).tolist()
         return usage
 
 

@@ -113,6 +113,8 @@ class Setup:
         self.model.to(self.device)
         self.clients = build_client_data(cfg)
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
+        if cfg.fed.robust == "trimmed_mean":
+            self.method.trim = cfg.fed.trim_fraction
         self.trainer = LocalTrainer(
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,

@@ -25,10 +25,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedmole.config import Config, ConfigError, assign_tiers, load_config
+from fedmole.engine.guard import admit_eval
 from fedmole.engine.local import LocalEngine, ResumeError, summarise
 from fedmole.flower import serde
 from fedmole.flower.strategy import FedmoleStrategy, discover_nodes
@@ -53,29 +54,34 @@ class FlowerEngine(LocalEngine):
                               "lived in its node's context, which ended with the run; start a new run")
         return super().run()
 
-    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[dict[int, Message], dict[int, str]]:
         replies, failures = self.strategy.train(self.grid, instructions)
         for c, why in failures.items():
             log.warning("round %d: client %d failed: %s", rnd, c, why)
-        limit = self.cfg.fed.client_timeout
-        on_time = []
-        for reply in replies:  # the local engine's deadline, on the node's own clock
-            seconds = float(reply.metrics.get("seconds", 0.0))
-            if limit and seconds > limit:
-                log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, reply.client_id, seconds)
-                failures[reply.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
-            else:
-                on_time.append(reply)
-        return on_time, failures
+        return replies, failures
+
+    def decode(self, raw: Message) -> Reply:
+        return serde.read_reply(raw.content)
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
-        clients = [rt.client_id for rt in self.setup.runtimes]
-        per_client, failures = self.strategy.evaluate(self.grid, rnd, global_state, clients)
+        """Federated evaluation: each node scores its own test split; the server checks each result
+        (engine/guard.py) and keys it by the client it asked, with the tier it assigned."""
+        clients = list(range(self.cfg.data.num_clients))
+        replies, failures = self.strategy.evaluate(self.grid, rnd, global_state, clients)
+        per_client = {}
+        for c, msg in replies.items():
+            metrics, why = admit_eval(lambda: serde.read_result(msg.content)[1], c, self.limits)
+            if why:
+                failures[c] = why
+            else:
+                per_client[self.client_name(c)] = {"client_id": c, "tier": self.method.tiers[c], **metrics}
         for c, why in failures.items():
             log.warning("evaluation (round %d): client %d failed: %s", rnd, c, why)
         if not per_client:
-            raise RuntimeError(f"evaluation of round {rnd}: no node returned metrics; reasons: {failures}")
-        return summarise(per_client)
+            raise RuntimeError(f"evaluation of round {rnd}: no node returned acceptable metrics; reasons: {failures}")
+        evaluation = summarise(per_client)
+        evaluation["missing"] = {str(c): failures[c] for c in sorted(failures)}
+        return evaluation
 
     def payload_bytes(self, instructions: list[Instruction], replies: list[Reply]) -> tuple[int, int]:
         dtype = self.strategy.payload_dtype

@@ -2,12 +2,13 @@
 
 `FedmoleStrategy` turns the Instructions a fedmole `Method` made for this round
 into one Flower message per node (each node gets its own payload: its tier,
-its subset of experts), and the nodes' reply messages back into `Reply`s, with
-Flower error replies, missing and malformed replies turned into rejection
-reasons. It holds cross-round state only (the client -> node map, the payload
-dtype, the resolved config the nodes build their clients from); the round loop,
-reply checks (`Method.check`) and aggregation (`Method.aggregate`) stay in
-`fedmole.engine.local.LocalEngine.run`, which `FlowerEngine` reuses unchanged.
+its subset of experts), and matches the reply messages to the messages they
+answer, with Flower error replies and missing replies turned into rejection
+reasons. Decoding and checking a reply happen in `fedmole.engine.guard`, the
+one trust boundary of every engine. The strategy holds cross-round state only
+(the client -> node map, the payload dtype, the resolved config the nodes
+build their clients from); the round loop, reply checks and aggregation stay
+in `fedmole.engine.local.LocalEngine.run`, which `FlowerEngine` reuses unchanged.
 
 It does not subclass `flwr.serverapp.strategy.Strategy`: that class's `start`
 loop broadcasts one ArrayRecord to sampled nodes and aggregates inside the
@@ -81,13 +82,13 @@ class FedmoleStrategy:
     """Per-node fedmole messages over a Flower Grid (see the module docstring)."""
 
     def __init__(self, nodes: dict[int, int], config_text: str, payload_dtype: str = "float32",
-                 round_timeout: float | None = None):
+                 round_timeout: float | None = None, eval_timeout: float | None = None):
         serde.wire_dtype(payload_dtype)  # fail early on an unknown dtype
         self.nodes = dict(nodes)  # client id -> node id
-        self.clients = {n: c for c, n in nodes.items()}
         self.config_text = config_text
         self.payload_dtype = payload_dtype
-        self.round_timeout = round_timeout or None  # 0 = wait for every reply
+        self.round_timeout = round_timeout or None  # server deadline of a training round; None = every reply
+        self.eval_timeout = eval_timeout or None  # same for an evaluation round
 
     # -- train ----------------------------------------------------------------------
     def configure_train(self, instructions: Iterable[Instruction]) -> list[Message]:
@@ -98,25 +99,12 @@ class FedmoleStrategy:
             for i in instructions
         ]
 
-    def receive_train(self, expected: list[int], replies: Iterable[Message]) -> tuple[list[Reply], dict[int, str]]:
-        """Replies in the order of `expected` client ids, and why the others are missing."""
-        got, failures = self._sort(expected, replies)
-        out = []
-        for c, msg in got.items():
-            try:
-                reply = serde.read_reply(msg.content)
-            except (serde.RecordError, KeyError, ValueError, TypeError) as e:
-                failures[c] = f"malformed reply: {e}"
-                continue
-            if reply.client_id != c:
-                failures[c] = f"reply from the node of client {c} claims client {reply.client_id}"
-                continue
-            out.append(reply)
-        return out, failures
-
-    def train(self, grid: Grid, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
-        replies = grid.send_and_receive(self.configure_train(instructions), timeout=self.round_timeout)
-        return self.receive_train([i.client_id for i in instructions], replies)
+    def train(self, grid: Grid, instructions: list[Instruction]) -> tuple[dict[int, Message], dict[int, str]]:
+        """Each client's reply message (undecoded; `engine/guard.py` decodes and checks it) and why
+        the others have none."""
+        messages = self.configure_train(instructions)
+        replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+        return self.match(messages, [i.client_id for i in instructions], replies, self.round_timeout)
 
     # -- evaluate -------------------------------------------------------------------
     def configure_evaluate(self, rnd: int, global_state: State, client_ids: Iterable[int]) -> list[Message]:
@@ -130,36 +118,38 @@ class FedmoleStrategy:
         ]
 
     def evaluate(self, grid: Grid, rnd: int, global_state: State,
-                 client_ids: list[int]) -> tuple[dict[str, dict], dict[int, str]]:
-        """Per-client metrics keyed by client name, in client id order, and the failures."""
-        replies = grid.send_and_receive(self.configure_evaluate(rnd, global_state, client_ids),
-                                        timeout=self.round_timeout)
-        got, failures = self._sort(client_ids, replies)
-        per_client = {}
-        for c, msg in got.items():
-            try:
-                name, result = serde.read_result(msg.content)
-            except (serde.RecordError, KeyError, ValueError, TypeError) as e:
-                failures[c] = f"malformed evaluation: {e}"
-                continue
-            per_client[name] = result
-        return per_client, failures
+                 client_ids: list[int]) -> tuple[dict[int, Message], dict[int, str]]:
+        """Each client's evaluation reply message (undecoded) and why the others have none."""
+        messages = self.configure_evaluate(rnd, global_state, client_ids)
+        replies = grid.send_and_receive(messages, timeout=self.eval_timeout)
+        return self.match(messages, list(client_ids), replies, self.eval_timeout)
 
     # -- replies ----------------------------------------------------------------------
-    def _sort(self, expected: list[int], replies: Iterable[Message]) -> tuple[dict[int, Message], dict[int, str]]:
-        """Good reply messages by client id (in `expected` order) and the reasons for the rest."""
-        by_client: dict[int, Message] = {}
+    @staticmethod
+    def match(sent: list[Message], clients: list[int], replies: Iterable[Message], timeout: float | None = None
+              ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Good reply messages by client (in `clients` order), and the reasons for the rest.
+
+        A reply belongs to the message it answers (`reply_to_message_id`), not to the node
+        it names: error replies the SuperLink makes for a node that went away carry the
+        SuperLink's id, and a node may only answer its own messages.
+        """
+        asked = {m.metadata.message_id: (c, m.metadata.dst_node_id) for m, c in zip(sent, clients)}
+        got: dict[int, Message] = {}
         failures: dict[int, str] = {}
         for msg in replies:
-            c = self.clients.get(msg.metadata.src_node_id)
-            if c is None or c not in expected:
-                log.warning("ignoring a reply from node %d, which was not asked", msg.metadata.src_node_id)
+            c, node = asked.get(msg.metadata.reply_to_message_id, (None, None))
+            if c is None or c in got or c in failures:
+                log.warning("ignoring a reply from node %d to no message of this round (or a second reply)",
+                            msg.metadata.src_node_id)
                 continue
             if msg.has_error():
                 failures[c] = msg.error.reason or f"node error (code {msg.error.code})"
+            elif msg.metadata.src_node_id != node:
+                failures[c] = f"reply from node {msg.metadata.src_node_id} to the message sent to node {node}"
             else:
-                by_client[c] = msg
-        for c in expected:
-            if c not in by_client and c not in failures:
-                failures[c] = f"no reply within {self.round_timeout} s"
-        return {c: by_client[c] for c in expected if c in by_client}, failures
+                got[c] = msg
+        for c in clients:
+            if c not in got and c not in failures:
+                failures[c] = f"no reply within the server's deadline of {timeout:g} s" if timeout else "no reply"
+        return {c: got[c] for c in clients if c in got}, failures
