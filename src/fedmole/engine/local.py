@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.algorithms import robust
 from fedmole.config import Config
+from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.guard import Limits, admit_train, screen_updates
 from fedmole.engine.setup import Setup
 from fedmole.evaluation.generate import evaluate_generation
@@ -208,19 +209,17 @@ class LocalEngine:
             rt = self.setup.runtimes[instruction.client_id]
             torch.manual_seed(client_seed(self.cfg.run.seed, rnd, rt.client_id))
             t0 = time.perf_counter()
-            try:
-                reply = self.method.client_update(rt, instruction)
+            try:  # held by the wall clock: a client past fed.client_timeout is abandoned (engine/deadline.py)
+                reply = run_client(self.setup, rt, self.method.client_update, instruction, self.cfg.fed.client_timeout)
+            except ClientTimeout as e:
+                log.warning("round %d: client %d dropped: %s", rnd, rt.client_id, e)
+                failures[rt.client_id] = str(e)
+                continue
             except Exception as e:  # one failing client must not stop the round
                 log.warning("round %d: client %d failed: %r", rnd, rt.client_id, e)
                 failures[rt.client_id] = f"exception: {e!r}"
                 continue
-            seconds = time.perf_counter() - t0
-            limit = self.cfg.fed.client_timeout
-            if limit and seconds > limit:  # a straggler past the deadline: its reply arrives too late
-                log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, rt.client_id, seconds)
-                failures[rt.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
-                continue
-            self.client_seconds[rt.client_id] = round(seconds, 3)
+            self.client_seconds[rt.client_id] = round(time.perf_counter() - t0, 3)
             replies[rt.client_id] = reply
         return replies, failures
 

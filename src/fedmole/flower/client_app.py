@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.local import evaluate_client
 from fedmole.engine.setup import Setup
 from fedmole.flower import serde
@@ -71,7 +72,8 @@ def restore(content: RecordDict, context: Context, client_id: int) -> tuple[Setu
 
 def _failed(message: Message, what: str, e: Exception) -> Message:
     log.warning("%s failed: %r", what, e)
-    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"exception: {e!r}"), reply_to=message)
+    reason = str(e) if isinstance(e, ClientTimeout) else f"exception: {e!r}"
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 @app.train()
@@ -81,7 +83,9 @@ def train(message: Message, context: Context) -> Message:
         setup, rt = restore(message.content, context, instruction.client_id)
         torch.manual_seed(client_seed(setup.cfg.run.seed, instruction.round, rt.client_id))
         t0 = time.perf_counter()
-        reply = setup.method.client_update(rt, instruction)
+        # the node holds fed.client_timeout on its own update too (engine/deadline.py), so a stuck
+        # update does not hold a simulation actor that other virtual nodes are waiting for
+        reply = run_client(setup, rt, setup.method.client_update, instruction, setup.cfg.fed.client_timeout)
         reply.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
         serde.save_client_state(context.state, {
             "client_id": rt.client_id, "store": rt.store, "batches": rt.batches.state_dict(),

@@ -111,8 +111,7 @@ def with_node_tiers(cfg: Config, declared: dict[int, int | None]) -> Config:
     return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]"])
 
 
-def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0,
-          round_timeout: float | None = None) -> dict:
+def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0) -> dict:
     """Run one fedmole job over `grid` and write its run directory; return the summary."""
     name = "flower-sim" if is_simulation(grid) else "flower"
     nodes = discover_nodes(grid, cfg.data.num_clients, node_wait)
@@ -120,19 +119,19 @@ def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 12
     if name == "flower-sim":
         cfg.run.engine = name
     strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, serde.config_to_text(cfg),
-                               cfg.run.payload_dtype, round_timeout)
+                               cfg.run.payload_dtype, cfg.fed.round_timeout, cfg.fed.client_timeout)
     log.info("%s: %d clients on nodes %s, payload %s", name, len(nodes), strategy.nodes, cfg.run.payload_dtype)
     return FlowerEngine(cfg, run_dir, grid, strategy, name).run()
 
 
 def make_server_app(cfg: Config, run_dir: str | Path, *, on_summary: Callable[[dict], None] | None = None,
-                    node_wait: float = 120.0, round_timeout: float | None = None) -> ServerApp:
+                    node_wait: float = 120.0) -> ServerApp:
     """A ServerApp for one already loaded config (the Simulation Engine entry uses it)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = serve(grid, cfg, run_dir, node_wait=node_wait, round_timeout=round_timeout)
+        summary = serve(grid, cfg, run_dir, node_wait=node_wait)
         if on_summary is not None:
             on_summary(summary)
 
@@ -162,9 +161,11 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     rc = context.run_config
-    cfg = load_config(_find_config(str(rc["config"])), shlex.split(str(rc.get("overrides", ""))))
+    overrides = shlex.split(str(rc.get("overrides", "")))
+    if float(rc.get("round-timeout", 0.0)):
+        overrides.append(f"fed.round_timeout={float(rc['round-timeout'])}")
+    cfg = load_config(_find_config(str(rc["config"])), overrides)
     out = str(rc.get("out", "")) or new_run_dir(cfg.run.out_dir, cfg.run.method)
-    summary = serve(grid, cfg, out, node_wait=float(rc.get("node-wait", 120.0)),
-                    round_timeout=float(rc.get("round-timeout", 0.0)) or None)
+    summary = serve(grid, cfg, out, node_wait=float(rc.get("node-wait", 120.0)))
     log.info("run directory %s: %s after %d rounds, final state sha256 %s", out, summary["metrics"],
              summary["rounds"], summary["final_state_sha256"][:16])

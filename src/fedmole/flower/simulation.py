@@ -16,9 +16,13 @@ from pathlib import Path
 from fedmole.config import Config, ConfigError
 
 
-def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False, cpus_per_client: int | None = None,
-                   round_timeout: float | None = None) -> dict:
-    """Run `cfg` on the Simulation Engine, write `run_dir`, return the summary."""
+def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False,
+                   cpus_per_client: int | None = None, client_app=None) -> dict:
+    """Run `cfg` on the Simulation Engine, write `run_dir`, return the summary.
+
+    client_app: the ClientApp the virtual nodes run (fedmole's by default; a wrapper of it
+    must live in an importable module, since Ray ships it to the actors by reference).
+    """
     if resume:
         from fedmole.engine.local import ResumeError
 
@@ -32,13 +36,15 @@ def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False, cp
         raise ConfigError(f"run.engine = 'flower-sim' needs Flower ({e}); install it with "
                           "pip install -e '.[flower]'") from None
 
-    from fedmole.flower.client_app import app as client_app
     from fedmole.flower.server_app import make_server_app
+
+    if client_app is None:
+        from fedmole.flower.client_app import app as client_app
 
     cpus = os.cpu_count() or 1
     summary: dict = {}
     run_simulation(
-        server_app=make_server_app(cfg, run_dir, on_summary=summary.update, round_timeout=round_timeout),
+        server_app=make_server_app(cfg, run_dir, on_summary=summary.update),
         client_app=client_app,
         num_supernodes=cfg.data.num_clients,
         backend_config={

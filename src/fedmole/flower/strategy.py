@@ -30,6 +30,8 @@ from fedmole.messages import Instruction, Reply, State
 
 log = logging.getLogger("fedmole")
 
+NODE_ALLOWANCE = 60.0  # seconds a node may need beyond its update: starting a ClientApp, building its Setup
+
 
 def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[int, tuple[int, int | None]]:
     """Client id -> (node id, tier the node declares or None), for `num_clients` clients.
@@ -82,13 +84,23 @@ class FedmoleStrategy:
     """Per-node fedmole messages over a Flower Grid (see the module docstring)."""
 
     def __init__(self, nodes: dict[int, int], config_text: str, payload_dtype: str = "float32",
-                 round_timeout: float | None = None, eval_timeout: float | None = None):
+                 round_timeout: float = 0.0, client_timeout: float = 0.0):
         serde.wire_dtype(payload_dtype)  # fail early on an unknown dtype
         self.nodes = dict(nodes)  # client id -> node id
         self.config_text = config_text
         self.payload_dtype = payload_dtype
-        self.round_timeout = round_timeout or None  # server deadline of a training round; None = every reply
-        self.eval_timeout = eval_timeout or None  # same for an evaluation round
+        self.round_timeout = round_timeout  # fed.round_timeout (0 = derived, see train_deadline)
+        self.client_timeout = client_timeout  # fed.client_timeout (each node also holds it on its own update)
+
+    def train_deadline(self, clients: int) -> float | None:
+        """Seconds the server waits for a training round of `clients` replies, by its own clock:
+        fed.round_timeout, else enough for the clients' updates one after another (as one
+        simulation actor runs them) plus NODE_ALLOWANCE, else no limit."""
+        if self.round_timeout:
+            return self.round_timeout
+        if self.client_timeout:
+            return self.client_timeout * clients + NODE_ALLOWANCE
+        return None
 
     # -- train ----------------------------------------------------------------------
     def configure_train(self, instructions: Iterable[Instruction]) -> list[Message]:
@@ -103,8 +115,9 @@ class FedmoleStrategy:
         """Each client's reply message (undecoded; `engine/guard.py` decodes and checks it) and why
         the others have none."""
         messages = self.configure_train(instructions)
-        replies = grid.send_and_receive(messages, timeout=self.round_timeout)
-        return self.match(messages, [i.client_id for i in instructions], replies, self.round_timeout)
+        deadline = self.train_deadline(len(messages))
+        replies = grid.send_and_receive(messages, timeout=deadline)
+        return self.match(messages, [i.client_id for i in instructions], replies, deadline)
 
     # -- evaluate -------------------------------------------------------------------
     def configure_evaluate(self, rnd: int, global_state: State, client_ids: Iterable[int]) -> list[Message]:
@@ -121,8 +134,9 @@ class FedmoleStrategy:
                  client_ids: list[int]) -> tuple[dict[int, Message], dict[int, str]]:
         """Each client's evaluation reply message (undecoded) and why the others have none."""
         messages = self.configure_evaluate(rnd, global_state, client_ids)
-        replies = grid.send_and_receive(messages, timeout=self.eval_timeout)
-        return self.match(messages, list(client_ids), replies, self.eval_timeout)
+        deadline = self.round_timeout or None  # generation time is not bounded by fed.client_timeout
+        replies = grid.send_and_receive(messages, timeout=deadline)
+        return self.match(messages, list(client_ids), replies, deadline)
 
     # -- replies ----------------------------------------------------------------------
     @staticmethod
