@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from fedmole.algorithms.flame import Flame
 from fedmole.flower import client_app as fedmole_app
 
-HANG = float(os.environ.get("FEDMOLE_TEST_HANG", "30"))
+HANG = float(os.environ.get("FEDMOLE_TEST_HANG", "60"))
 honest_update = Flame.client_update
 
 
