@@ -36,8 +36,8 @@ def honest(tmp_path_factory):
     instructions = local.method.configure(1, [0, 1, 2], previous)
     replies, failures = local.train_clients(1, instructions)
     assert not failures
-    engine = FlowerEngine(small_cfg(*FEW), root / "flower", grid=None, strategy=None, name="flower")
-    engine.limits = local.limits
+    engine = FlowerEngine(small_cfg(*FEW), root / "flower", grid=None, strategy=None, name="flower",
+                          clients=local.clients)
     contents = {dtype: {c: wire(serde.reply_content(r, dtype)) for c, r in replies.items()}
                 for dtype in ("float32", "bfloat16")}
     result = wire(serde.result_content("task", {"client_id": 0, "tier": 4, "rouge_l": 40.0, "exact_match": 25.0,

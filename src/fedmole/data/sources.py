@@ -140,8 +140,9 @@ def _load_natural_instructions(tasks: list[str] | None, max_per_task: int | None
 # --------------------------------------------------------------------------- user files
 
 
-def read_file(path: str | Path) -> list[Example]:
-    """Read a .jsonl / .json (list of objects) / .csv file of examples.
+def read_file(path: str | Path, fmt: str | None = None) -> list[Example]:
+    """Read a .jsonl / .json (list of objects) / .csv file of examples (`fmt`: jsonl | json | csv
+    overrides the suffix).
 
     Errors name the place: `file:LINE:` for JSONL and CSV, `file: item I:` for JSON.
     """
@@ -157,7 +158,7 @@ def read_file(path: str | Path) -> list[Example]:
         raise DataError(f"{path}:{line}: file is not UTF-8 (undecodable byte 0x{raw[err.start]:02x}); re-save it as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    suffix = path.suffix.lower()
+    suffix = f".{fmt.lower().lstrip('.')}" if fmt else path.suffix.lower()
     if suffix == ".jsonl":
         examples = _read_jsonl(text, path)
     elif suffix == ".json":

@@ -32,6 +32,16 @@ log = logging.getLogger("fedmole")
 METRIC_RANGE = (0.0, 100.0)  # ROUGE-L and exact match are percentages
 
 
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the server knows about one client's data (the local engine's own split; on Flower,
+    what the client's node declared when the run started)."""
+
+    name: str
+    train: int  # training examples
+    test: int  # test examples
+
+
 @dataclass
 class Limits:
     """What the server knows about its clients, and the plausibility options (`[fed]`)."""

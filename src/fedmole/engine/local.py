@@ -21,7 +21,7 @@ from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.algorithms import robust
 from fedmole.config import Config
 from fedmole.engine.deadline import ClientTimeout, run_client
-from fedmole.engine.guard import Limits, admit_train, screen_updates
+from fedmole.engine.guard import ClientInfo, Limits, admit_train, screen_updates
 from fedmole.engine.setup import Setup
 from fedmole.evaluation.generate import evaluate_generation
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
@@ -51,12 +51,13 @@ class LocalEngine:
     def __init__(self, cfg: Config, run_dir: str | Path):
         self.cfg = cfg
         self.out = RunDir(run_dir)
-        self.setup = Setup(cfg)
+        self.setup = self.make_setup(cfg)
         self.method = self.setup.method
         self.progress = cfg.run.progress
+        self.clients = self.client_infos()  # client id -> name, training and test example counts
         self.limits = Limits.from_config(
-            cfg, self.method.known_examples({rt.client_id: len(rt.data.train) for rt in self.setup.runtimes}),
-            {rt.client_id: len(rt.data.test) for rt in self.setup.runtimes})
+            cfg, self.method.known_examples({c: info.train for c, info in self.clients.items()}),
+            {c: info.test for c, info in self.clients.items()})
         self.norm_reference: float | None = None  # median update length of the last round (engine/guard.py)
         self.client_seconds: dict[int, float] = {}  # wall seconds of each client's last update
 
@@ -192,7 +193,7 @@ class LocalEngine:
 
     # -- steps -----------------------------------------------------------------
     def select(self, rnd: int, attempt: int = 0) -> list[int]:
-        n = len(self.setup.runtimes)
+        n = self.cfg.data.num_clients
         m = min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
         if m == n:
             return list(range(n))
@@ -274,8 +275,16 @@ class LocalEngine:
             per_client[rt.data.name] = evaluate_client(self.setup, rt, global_state)
         return summarise(per_client)
 
+    def make_setup(self, cfg: Config) -> Setup:
+        return Setup(cfg)
+
+    def client_infos(self) -> dict[int, ClientInfo]:
+        """What the server knows about each client's data (here: the clients themselves)."""
+        return {rt.client_id: ClientInfo(rt.data.name, len(rt.data.train), len(rt.data.test))
+                for rt in self.setup.runtimes}
+
     def client_name(self, client_id: int) -> str:
-        return self.setup.runtimes[client_id].data.name
+        return self.clients[client_id].name
 
     def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
         """Fraction of routed tokens per expert, averaged over modules, per client of the last round."""

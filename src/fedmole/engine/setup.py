@@ -79,25 +79,33 @@ def _pick_ni_tasks(n: int, seed: int) -> list[str]:
     return [names[i] for i in sorted(rng.choice(len(names), size=n, replace=False))]
 
 
-def build_client_data(cfg: Config) -> list[ClientData]:
+def partitions_for(cfg: Config) -> list[list[Example]]:
+    """Every client's examples (before its train / aux / val / test split)."""
     d, seed = cfg.data, cfg.run.seed
     examples = load_examples_for(cfg)
     if d.partition == "task":
-        parts = partitioning.by_task(examples, d.num_clients, seed, tasks=d.tasks or None)
-    elif d.partition == "dirichlet":
-        parts = partitioning.dirichlet(examples, d.num_clients, d.dirichlet_alpha, seed, min_size=d.min_client_size)
-    else:
-        parts = partitioning.iid(examples, d.num_clients, seed)
+        return partitioning.by_task(examples, d.num_clients, seed, tasks=d.tasks or None)
+    if d.partition == "dirichlet":
+        return partitioning.dirichlet(examples, d.num_clients, d.dirichlet_alpha, seed, min_size=d.min_client_size)
+    return partitioning.iid(examples, d.num_clients, seed)
+
+
+def build_client_data(cfg: Config) -> list[ClientData]:
+    d = cfg.data
     return build_clients(
-        parts, seed, val_frac=d.val_frac, test_frac=d.test_frac,
+        partitions_for(cfg), cfg.run.seed, val_frac=d.val_frac, test_frac=d.test_frac,
         max_train=d.max_train or None, max_test=d.max_test or None,
     )
 
 
 class Setup:
-    """The frozen base model with its adapter, the clients and the method of one run."""
+    """The frozen base model with its adapter, the clients and the method of one run.
 
-    def __init__(self, cfg: Config):
+    clients: the clients this process serves (default: every client, built from cfg.data);
+    a Flower server passes none (it never loads client data), a site its own one.
+    """
+
+    def __init__(self, cfg: Config, clients: list[ClientData] | None = None):
         seed_everything(cfg.run.seed)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -111,7 +119,7 @@ class Setup:
             self.model, cfg.adapter, cfg.run.seed, self.tiers, cfg.method_options()
         )
         self.model.to(self.device)
-        self.clients = build_client_data(cfg)
+        self.clients = build_client_data(cfg) if clients is None else clients
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
         if cfg.fed.robust == "trimmed_mean":
             self.method.trim = cfg.fed.trim_fraction
@@ -121,7 +129,8 @@ class Setup:
             device=self.device, autocast_dtype=self.autocast,
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
-        self.method.attach_clients(self.runtimes)
+        if self.runtimes:
+            self.method.attach_clients(self.runtimes)
 
     def _runtime(self, client: ClientData) -> ClientRuntime:
         d = self.cfg.data

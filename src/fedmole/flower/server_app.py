@@ -29,10 +29,11 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedmole.config import Config, ConfigError, assign_tiers, load_config
-from fedmole.engine.guard import admit_eval
+from fedmole.engine.guard import ClientInfo, admit_eval
 from fedmole.engine.local import LocalEngine, ResumeError, summarise
+from fedmole.engine.setup import Setup
 from fedmole.flower import serde
-from fedmole.flower.strategy import FedmoleStrategy, discover_nodes
+from fedmole.flower.strategy import FedmoleStrategy, describe_clients, discover_nodes
 from fedmole.messages import Instruction, Reply, State
 from fedmole.reporting.rundir import new_run_dir
 
@@ -42,11 +43,19 @@ log = logging.getLogger("fedmole")
 class FlowerEngine(LocalEngine):
     """LocalEngine whose clients live on Flower nodes reached through `grid`."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, grid: Grid, strategy: FedmoleStrategy, name: str):
+    def __init__(self, cfg: Config, run_dir: str | Path, grid: Grid, strategy: FedmoleStrategy, name: str,
+                 clients: dict[int, ClientInfo]):
         self.name = name  # "flower-sim" (Simulation Engine) or "flower" (Deployment Engine)
+        self.declared = dict(clients)  # what each client's node declared about its data (describe_clients)
         super().__init__(cfg, run_dir)
         self.grid = grid
         self.strategy = strategy
+
+    def make_setup(self, cfg: Config) -> Setup:
+        return Setup(cfg, clients=[])  # the server never loads client data; the nodes hold it
+
+    def client_infos(self) -> dict[int, ClientInfo]:
+        return self.declared
 
     def run(self, resume: bool = False) -> dict:
         if resume:
@@ -118,10 +127,12 @@ def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 12
     cfg = with_node_tiers(cfg, {c: tier for c, (_, tier) in nodes.items()})
     if name == "flower-sim":
         cfg.run.engine = name
-    strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, serde.config_to_text(cfg),
-                               cfg.run.payload_dtype, cfg.fed.round_timeout, cfg.fed.client_timeout)
+    text = serde.config_to_text(cfg)
+    clients = describe_clients(grid, {c: n for c, (n, _) in nodes.items()}, text, node_wait)
+    strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, text, cfg.run.payload_dtype,
+                               cfg.fed.round_timeout, cfg.fed.client_timeout)
     log.info("%s: %d clients on nodes %s, payload %s", name, len(nodes), strategy.nodes, cfg.run.payload_dtype)
-    return FlowerEngine(cfg, run_dir, grid, strategy, name).run()
+    return FlowerEngine(cfg, run_dir, grid, strategy, name, clients).run()
 
 
 def make_server_app(cfg: Config, run_dir: str | Path, *, on_summary: Callable[[dict], None] | None = None,

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedmole.algorithms.validate import MAX_EXAMPLES, is_int
+from fedmole.engine.guard import ClientInfo
 from fedmole.flower import serde
-from fedmole.messages import Instruction, Reply, State
+from fedmole.messages import Instruction, State
 
 log = logging.getLogger("fedmole")
 
@@ -47,14 +50,20 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
             raise RuntimeError(f"only {len(node_ids)} of the {num_clients} nodes (data.num_clients) connected "
                                f"within {wait_s:.0f} s")
         time.sleep(0.2)
-    query = [Message(RecordDict({"fedmole": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
+    query = [Message(RecordDict({"query": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
                      message_type=MessageType.QUERY) for n in node_ids]
     declared: dict[int, tuple[int, int]] = {}  # node -> (partition id, tier), -1 / 0 when not given
     for reply in grid.send_and_receive(query, timeout=wait_s):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
-        node = reply.content["node"]
-        declared[reply.metadata.src_node_id] = (int(node["partition-id"]), int(node["tier"]))
+        try:
+            node = reply.content["node"]
+            partition, tier = node["partition-id"], node["tier"]
+            if not (is_int(partition) and is_int(tier)):
+                raise TypeError(f"partition-id {partition!r}, tier {tier!r}")
+        except Exception as e:  # noqa: BLE001 - a node that cannot say who it is does not join
+            raise RuntimeError(f"node {reply.metadata.src_node_id} sent a malformed node config: {e!r}") from None
+        declared[reply.metadata.src_node_id] = (partition, tier)
     if len(declared) < len(node_ids):
         raise RuntimeError(f"{len(node_ids) - len(declared)} node(s) did not answer the node-config query")
 
@@ -78,6 +87,34 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
             log.warning("nodes with partition-id %s are not used (data.num_clients = %d)", unused, num_clients)
         chosen = {p: by_client[p][0] for p in range(num_clients)}
     return {c: (n, declared[n][1] if declared[n][1] > 0 else None) for c, n in chosen.items()}
+
+
+def describe_clients(grid: Grid, nodes: dict[int, int], config_text: str, wait_s: float = 120.0
+                     ) -> dict[int, ClientInfo]:
+    """Client id -> what its node declares about its data when the run starts: name, training and
+    test example counts. These bound what the node's replies may claim later (engine/guard.py);
+    a repeated or unusable name becomes "clientN", as `build_clients` names clients."""
+    sent = [Message(RecordDict({"query": ConfigRecord({"ask": "describe", "client-id": c}),
+                                "fedmole": serde.config_record(config_text)}),
+                    dst_node_id=n, message_type=MessageType.QUERY) for c, n in nodes.items()]
+    got, failures = FedmoleStrategy.match(sent, list(nodes), grid.send_and_receive(sent, timeout=wait_s), wait_s)
+    if failures:
+        raise RuntimeError(f"nodes could not describe their clients' data: {failures}")
+    infos = {}
+    for c, msg in got.items():
+        try:
+            rec = msg.content["client"]
+            name, train, test = rec["name"], rec["train"], rec["test"]
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"the node of client {c} described its data in a malformed message: {e!r}") from None
+        if not (is_int(train) and 1 <= train <= MAX_EXAMPLES and is_int(test) and 0 <= test <= MAX_EXAMPLES):
+            raise RuntimeError(f"the node of client {c} declares {train!r} training and {test!r} test examples; "
+                               f"allowed: integers in 1..{MAX_EXAMPLES} and 0..{MAX_EXAMPLES}")
+        name = name.strip() if isinstance(name, str) else ""
+        infos[c] = ClientInfo(name if name.isprintable() and len(name) <= 100 else "", train, test)
+    names = Counter(i.name for i in infos.values())
+    return {c: ClientInfo(i.name if i.name and names[i.name] == 1 else f"client{c}", i.train, i.test)
+            for c, i in sorted(infos.items())}
 
 
 class FedmoleStrategy:
