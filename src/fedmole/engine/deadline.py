@@ -11,10 +11,10 @@ Without a timeout it runs inline, as it always did. With one (`fed.client_timeou
   goes on. Python cannot kill the thread, so it is abandoned: whatever it returns
   later is dropped. It may still be writing into the adapter it was given (parameters,
   optimizer steps, routing state and counts, FLoRA's merged base weights), so the
-  engine first swaps in a fresh copy of the adapter (`replace_adapter`: the adapted
-  layers, base weights inside them included, are cloned; the frozen tensors outside
-  them are shared, since no client writes them) and arms the abandoned copy: its next
-  adapter forward raises, which ends the thread at its next step.
+  engine arms the abandoned adapter (its next adapter forward raises, which ends the
+  thread at its next step) and swaps in a fresh copy of it for everyone else
+  (`replace_adapter`: the adapted layers, base weights inside them included, are
+  cloned; the frozen tensors outside them are shared, since no client writes them).
 
 What an abandoned thread can still touch is process-global: CPU time until it stops,
 and torch's global random generator (dropout), so a run in which a client was
@@ -29,6 +29,8 @@ import dataclasses
 import itertools
 import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -83,27 +85,53 @@ def _shared_items(batches) -> dict:
 
 
 def replace_adapter(setup) -> None:
-    """Give `setup` (and every client runtime) a fresh copy of its adapter and arm the old one.
+    """Give `setup` (and every client runtime) a fresh copy of its adapter and stop the old one.
 
-    The copy shares every tensor outside the adapted layers (frozen base weights nobody
-    writes) and clones the adapted layers, base weights inside them included (FLoRA
-    merges into those). The old layers get a forward pre-hook that raises `Abandoned`.
+    The old layers are armed first, so the abandoned update starts no new adapter forward
+    (its next one raises `Abandoned`). The copy shares every tensor outside the adapted
+    layers (frozen base weights nobody writes) and clones the adapted layers, base weights
+    inside them included (FLoRA merges into those); values the abandoned update was
+    writing may be torn, which does not matter: every client step and evaluation loads its
+    whole starting state first. Gradients are not carried over.
     """
     old = setup.adapter
-    inside = {id(t) for layer in old.layers.values() for t in itertools.chain(layer.parameters(), layer.buffers())}
-    memo = {id(t): t for t in itertools.chain(old.model.parameters(), old.model.buffers()) if id(t) not in inside}
-    for obj in itertools.chain([old], old.model.modules()):  # results of the last forward (e.g. an aux loss)
-        for value in vars(obj).values():  # are graph nodes, which deepcopy refuses: copy their values
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    new = copy.deepcopy(old, memo)
     for layer in old.layers.values():
-        layer.register_forward_pre_hook(_abandoned)
+        if not getattr(layer, "_fedmole_stop_hook", False):  # copies inherit the hook and the mark
+            layer.register_forward_pre_hook(_stop_if_abandoned)
+            layer._fedmole_stop_hook = True
+        _ABANDONED.add(layer)
+    for attempt in range(COPY_TRIES):
+        try:
+            new = _copy(old)
+            break
+        except RuntimeError:  # a forward already under way stored a graph tensor while we copied
+            if attempt == COPY_TRIES - 1:
+                raise
+            time.sleep(0.05)
+    for p in new.parameters():
+        p.grad = None
     setup.adapter, setup.model = new, new.model
     for rt in setup.runtimes:
         rt.adapter = new
     log.warning("a client update was abandoned past its deadline; later clients use a fresh copy of the adapter")
 
 
-def _abandoned(module, args):
-    raise Abandoned("this client update was abandoned after its deadline")
+def _copy(adapter):
+    inside = {id(t) for layer in adapter.layers.values()
+              for t in itertools.chain(layer.parameters(), layer.buffers())}
+    memo = {id(t): t for t in itertools.chain(adapter.model.parameters(), adapter.model.buffers())
+            if id(t) not in inside}
+    for obj in itertools.chain([adapter], adapter.model.modules()):  # results of the last forward (e.g. an
+        for value in list(vars(obj).values()):  # aux loss) are graph nodes, which deepcopy refuses: copy values
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(adapter, memo)
+
+
+_ABANDONED: weakref.WeakSet = weakref.WeakSet()  # adapter layers of abandoned updates
+COPY_TRIES = 20
+
+
+def _stop_if_abandoned(module, args):
+    if module in _ABANDONED:
+        raise Abandoned("this client update was abandoned after its deadline")
