@@ -34,6 +34,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedmole.algorithms import METHODS, Method
 from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.data.sites import NODE_KEYS, node_site
 from fedmole.data.types import ClientData
@@ -43,6 +44,11 @@ from fedmole.engine.setup import Setup, build_client_data
 from fedmole.flower import serde
 
 log = logging.getLogger("fedmole")
+if not log.handlers and not logging.getLogger().handlers:  # a ClientApp process configures no logging for us
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 _KEEP = 1  # setups (and client data sets) kept per process: each setup holds a base model
@@ -76,7 +82,13 @@ def node_clients(content: RecordDict, context: Context, client_id: int) -> tuple
     def build():
         cfg = serde.config_from_text(text)
         site = node_site(cfg, nc, client_id)
-        return cfg, [site] if site is not None else build_client_data(cfg)
+        if site is None:
+            return cfg, build_client_data(cfg)
+        if METHODS[cfg.run.method].attach_clients is not Method.attach_clients:
+            raise ValueError(f"{cfg.run.method} needs every client's data in one place; a site holds only its own")
+        log.info("site data of client %d from %s: %d training, %d test examples", client_id, nc["data-path"],
+                 len(site.train), len(site.test))
+        return cfg, [site]
 
     cfg, clients = _remember(_DATA, key, build)
     return key, cfg, clients

@@ -14,11 +14,15 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run --run-confi
     overrides      fedmole `key=value` overrides, space separated (shell quoting)
     out            run directory ("" = run.out_dir/METHOD-TIMESTAMP)
     node-wait      seconds to wait for data.num_clients nodes to connect
-    round-timeout  seconds to wait for the replies of one round (0 = until every node replied)
+    every fedmole option, keyed as in `key=value` overrides ([run] keys bare:
+    `rounds`, `method`; the others SECTION.KEY: `fed.tiers`, `flame.t`); "" keeps
+    the value of `config`. Flower's run config holds only numbers, booleans and
+    strings, so lists and strings go in quotes: --run-config "rounds=5 fed.tiers='[4,2]'"
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -28,7 +32,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedmole.config import Config, ConfigError, assign_tiers, load_config
+from fedmole.config import Config, ConfigError, assign_tiers, describe, load_config
 from fedmole.engine.guard import ClientInfo, admit_eval
 from fedmole.engine.local import LocalEngine, ResumeError, summarise
 from fedmole.engine.setup import Setup
@@ -149,6 +153,29 @@ def make_server_app(cfg: Config, run_dir: str | Path, *, on_summary: Callable[[d
     return server
 
 
+APP_KEYS = ("config", "overrides", "out", "node-wait")  # run-config keys of the ServerApp itself
+
+
+def option_keys() -> list[str]:
+    """Every fedmole option as a run-config key: [run] options bare, the others SECTION.KEY."""
+    keys = [line.split(" = ", 1)[0] for line in describe()]
+    return [k.removeprefix("run.") for k in keys]
+
+
+def run_config_overrides(run_config: dict) -> list[str]:
+    """fedmole `key=value` overrides from the fedmole keys of a Flower run config that are set (not "")."""
+    known = set(option_keys())
+    unknown = sorted(k for k in run_config if k not in known and k not in APP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown run-config key {unknown[0]!r}; allowed: {', '.join(APP_KEYS)} and the "
+                          "fedmole options (`fedmole config`, [run] keys without `run.`)")
+    out = []
+    for key, value in run_config.items():
+        if key in known and value != "":
+            out.append(f"{key}={json.dumps(value) if isinstance(value, bool) else value}")
+    return out
+
+
 def _find_config(path: str) -> Path:
     """A config path as given, else relative to the Flower app directory (on sys.path)."""
     p = Path(path)
@@ -172,9 +199,7 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     rc = context.run_config
-    overrides = shlex.split(str(rc.get("overrides", "")))
-    if float(rc.get("round-timeout", 0.0)):
-        overrides.append(f"fed.round_timeout={float(rc['round-timeout'])}")
+    overrides = [*shlex.split(str(rc.get("overrides", ""))), *run_config_overrides(rc)]
     cfg = load_config(_find_config(str(rc["config"])), overrides)
     out = str(rc.get("out", "")) or new_run_dir(cfg.run.out_dir, cfg.run.method)
     summary = serve(grid, cfg, out, node_wait=float(rc.get("node-wait", 120.0)))
