@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.algorithms import robust
+from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.config import Config
 from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.guard import ClientInfo, Limits, admit_train, screen_updates
