@@ -34,6 +34,9 @@ def _resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    from fedmole.engine.local import check_resumable
+
+    check_resumable(run_dir)  # before anything is built: a Flower server's config names no data it could load
     cfg = load_config(run_dir / "config.toml")
     return _execute(cfg, run_dir, resume=True)
 

@@ -94,6 +94,8 @@ def test_a_flower_run_directory_says_why_it_cannot_be_resumed(tmp_path, capsys):
     meta = json.loads(meta_path.read_text())
     meta["engine"] = "flower"  # what a deployment run's checkpoints record
     meta_path.write_text(json.dumps(meta))
+    config = run_dir / "config.toml"  # and, like a deployment server's, a config naming no data it holds
+    config.write_text(config.read_text().replace('source = "synthetic"', f'source = "{tmp_path}/nowhere.jsonl"'))
     assert main(["resume", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "run on the flower engine" in err and "start a new run" in err

@@ -165,12 +165,7 @@ class LocalEngine:
             log.warning("no usable checkpoint in %s; starting from round 1", self.out.path)
             return None
         meta = ckpt["meta"]
-        engine = meta.get("engine", "local")
-        if engine != "local":
-            raise ResumeError(
-                f"{self.out.path} was run on the {engine} engine: its clients' optimizer state and batch "
-                "positions lived on the Flower nodes and ended with the run, and its checkpoints hold only the "
-                "server's half (global adapter, method state); start a new run")
+        check_resumable(self.out.path, meta)
         if meta.get("method") != self.cfg.run.method or meta.get("seed") != self.cfg.run.seed:
             raise ResumeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
                               f"seed {meta.get('seed')}, not this run's config")
@@ -334,8 +329,18 @@ def _headline(evaluation: dict) -> dict:
     return {"rouge_l": evaluation["rouge_l"], "exact_match": evaluation["exact_match"]}
 
 
+def check_resumable(run_dir: str | Path, meta: dict | None = None) -> None:
+    """Raise ResumeError when the run in `run_dir` (its newest checkpoint, or `meta`) ran on Flower."""
+    engine = (RunDir(run_dir).newest_meta() if meta is None else meta).get("engine", "local")
+    if engine != "local":
+        raise ResumeError(
+            f"{run_dir} was run on the {engine} engine: its clients' optimizer state and batch positions lived "
+            "on the Flower nodes and ended with the run, and its checkpoints hold only the server's half (global "
+            "adapter, method state, metric rows); start a new run")
+
+
 def run_local(cfg: Config, run_dir: str | Path) -> dict:
     return LocalEngine(cfg, run_dir).run()
 
 
-__all__ = ["LocalEngine", "RoundFailed", "ResumeError", "run_local", "ClientRuntime"]
+__all__ = ["LocalEngine", "RoundFailed", "ResumeError", "check_resumable", "run_local", "ClientRuntime"]

@@ -130,6 +130,16 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def newest_meta(self) -> dict:
+        """meta.json of the newest checkpoint folder ({} when there is none or it is unreadable)."""
+        root = self.path / "checkpoints"
+        for ckpt in sorted(root.glob("round_*"), reverse=True) if root.is_dir() else []:
+            try:
+                return json.loads((ckpt / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+        return {}
+
     def load_checkpoint(self) -> dict | None:
         """The newest checkpoint whose files match their checksums, or None.
 
