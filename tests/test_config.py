@@ -25,15 +25,26 @@ def test_defaults_and_overrides(tmp_path):
         ("adapter.rescale=sometimes", "adapter.rescale = 'sometimes'; allowed: learned, fixed, off"),
         ("fed.tiers=[16]", r"fed.tiers contains 16; each tier must be in 1..adapter.num_experts \(8\)"),
         ("train.lr='fast'", "train.lr: expected a number, got 'fast'"),
+        ("train.lr=nan", "train.lr = nan; allowed: a finite number"),
+        ("fed.client_timeout=inf", "fed.client_timeout = inf; allowed: a finite number"),
+        ("fed.tier_proportions=[1.0, -inf, 1.0, 1.0]", r"fed.tier_proportions\[1\] = -inf; allowed: a finite number"),
         ("data.num_clients=2.5", "data.num_clients: expected an integer"),
         ("fed.tier_proportions=[1.0]", "fed.tier_proportions has 1 entries but fed.tiers has 4"),
         ("fed.min_clients=99", "fed.min_clients = 99 exceeds data.num_clients = 6"),
         ("noequals", "is not key=value"),
+        ("fed.update_norm_factor=0.5", r"fed.update_norm_factor = 0.5; allowed: 0 \(off\) or >= 1"),
+        ("fed.robust=median", "fed.robust = 'median'; allowed: none, clip, trimmed_mean"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_trimmed_mean_only_for_methods_that_average():
+    with pytest.raises(ConfigError, match="does not apply to flexlora.*allowed for: flame, fedit, hetlora"):
+        load_config(None, ["method=flexlora", "fed.robust=trimmed_mean"])
+    assert load_config(None, ["fed.robust=trimmed_mean"]).fed.trim_fraction == 0.1
 
 
 def test_bad_files(tmp_path):

@@ -47,6 +47,9 @@ def _resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    from fedmole.engine.local import check_resumable
+
+    check_resumable(run_dir)  # before anything is built: a Flower server's config names no data it could load
     cfg = load_config(run_dir / "config.toml")
     return _execute(cfg, run_dir, resume=True)
 
@@ -296,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         from fedmole.data.sources import DataError
         from fedmole.export.native import ExportError
         from fedmole.inference import RunError
+        from fedmole.engine.local import ResumeError
 
         if isinstance(e, (AssetError, DataError, ExportError, RunError)):
             print(f"fedmole: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, ResumeError):
+            print(f"fedmole: cannot resume: {e}", file=sys.stderr)
             return 2
         raise
 

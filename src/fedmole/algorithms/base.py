@@ -64,6 +64,10 @@ class Method:
     # Whether the model a client is evaluated with can run at another tier's k (eval.tiers = all);
     # False for personal models of one size and for models that ignore the tier.
     cross_tier_eval: ClassVar[bool] = True
+    # its aggregation is built from the averaging helpers of algorithms/aggregate.py, so
+    # `fed.robust = "trimmed_mean"` applies (they get `trim`, set by the engine's setup)
+    robust_averaging: ClassVar[bool] = False
+    trim: float = 0.0
 
     @classmethod
     def build_adapter(
@@ -93,7 +97,7 @@ class Method:
         return [Instruction(rnd, c, global_state, self.tiers[c]) for c in client_ids]
 
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
-        """Why this reply must be rejected, or None."""
+        """Why this well-typed reply (`validate.check_types`) must be rejected, or None."""
         from fedmole.algorithms.validate import check_reply
 
         if reply.tier != instruction.tier:
@@ -106,6 +110,10 @@ class Method:
     def round_metrics(self) -> dict:
         """Method-specific figures of the last aggregation for the round's metrics row (JSON values)."""
         return {}
+
+    def known_examples(self, train_sizes: dict[int, int]) -> dict[int, int]:
+        """The example count each client's reply may claim, from the clients' training-set sizes."""
+        return dict(train_sizes)
 
     def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
         """Called once with every client's runtime (only the centralised reference uses it)."""

@@ -47,7 +47,7 @@ from fedmole.adapters.amole import (
 )
 from fedmole.algorithms.base import ClientRuntime, Method
 from fedmole.algorithms.rsea import check_feasible, privatize, random_assignment, rsea_assign
-from fedmole.algorithms.validate import check_reply
+from fedmole.algorithms.validate import check_counts, check_reply
 from fedmole.config import ConfigError, opt
 from fedmole.messages import Instruction, Reply, State
 from fedmole.training import autocast_context
@@ -205,7 +205,7 @@ class FedAMoLE(Method):
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
         if reply.tier != instruction.tier:
             return f"tier {reply.tier} differs from the {instruction.tier} it was given"
-        why = check_reply(reply, {k: tuple(v.shape) for k, v in instruction.state.items()})
+        why = check_reply(reply, {k: tuple(v.shape) for k, v in instruction.state.items()}, allow_extra=True)
         if why:
             return why
         held = held_experts(instruction.state)
@@ -218,19 +218,18 @@ class FedAMoLE(Method):
             for key, t in reply.extra.items():
                 if tuple(t.shape) != expected[key] or not t.is_floating_point() or not torch.isfinite(t).all():
                     return f"{key}: bad embedding (shape {tuple(t.shape)}, expected {expected[key]}, finite floats)"
+        if set(reply.expert_counts) != set(held) or set(reply.tokens) != set(held):
+            return f"expert counts / token totals for modules {sorted(reply.expert_counts)[:3]} / " \
+                   f"{sorted(reply.tokens)[:3]}, expected {sorted(held)[:3]}"
         for m, js in held.items():
-            counts = reply.expert_counts.get(m)
-            if counts is None or tuple(counts.shape) != (self.N,) or not torch.isfinite(counts).all() \
-                    or (counts < 0).any():
-                return f"{m}: missing or bad expert counts"
+            counts = reply.expert_counts[m]
             unheld = torch.ones(self.N, dtype=torch.bool)
             unheld[js] = False
-            if counts[unheld].sum() > 0:
+            if tuple(counts.shape) == (self.N,) and (counts[unheld] != 0).any():
                 return f"{m}: tokens routed to experts it does not hold"
-            k = min(self.options.top_k, len(js))
-            seen = reply.tokens.get(m, -1.0)
-            if abs(float(counts.sum()) - seen * k) > 0.5:
-                return f"{m}: expert counts sum to {float(counts.sum()):.0f}, expected tokens*k = {seen * k:.0f}"
+            why = check_counts({m: counts}, {m: reply.tokens[m]}, {m: self.N}, min(self.options.top_k, len(js)))
+            if why:
+                return why
         return None
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:

@@ -92,7 +92,7 @@ class LoRAMethod(Method):
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
         if reply.tier != instruction.tier:
             return f"tier {reply.tier} differs from the {instruction.tier} it was given"
-        return check_reply(reply, self.expected_reply(instruction.client_id))
+        return check_reply(reply, self.expected_reply(instruction.client_id), num_experts={})
 
     # -- client side ---------------------------------------------------------
     def train_view(self, rt: ClientRuntime, start: State, tier: int, store: dict | None = None) -> tuple[State, float]:

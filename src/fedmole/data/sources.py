@@ -158,8 +158,8 @@ def _with_instruction(ex: Example, instruction: str) -> Example:
 
 
 def with_ids(examples: list[Example], source: str) -> list[Example]:
-    """Each example with id "<task, else source>/<its row index in the source>"."""
-    return [dataclasses.replace(ex, id=f"{ex.task or source}/{i}") for i, ex in enumerate(examples)]
+    """Each example without an id of its own gets "<task, else source>/<its row index in the source>"."""
+    return [ex if ex.id else dataclasses.replace(ex, id=f"{ex.task or source}/{i}") for i, ex in enumerate(examples)]
 
 
 # --------------------------------------------------------------------------- embedded NI
@@ -185,8 +185,9 @@ def _load_natural_instructions(tasks: list[str] | None, max_per_task: int | None
 # --------------------------------------------------------------------------- user files
 
 
-def read_file(path: str | Path) -> list[Example]:
-    """Read a .jsonl / .json (list of objects) / .csv file of examples.
+def read_file(path: str | Path, fmt: str | None = None) -> list[Example]:
+    """Read a .jsonl / .json (list of objects) / .csv file of examples (`fmt`: jsonl | json | csv
+    overrides the suffix).
 
     Errors name the place: `file:LINE:` for JSONL and CSV, `file: item I:` for JSON.
     """
@@ -202,7 +203,7 @@ def read_file(path: str | Path) -> list[Example]:
         raise DataError(f"{path}:{line}: file is not UTF-8 (undecodable byte 0x{raw[err.start]:02x}); re-save it as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    suffix = path.suffix.lower()
+    suffix = f".{fmt.lower().lstrip('.')}" if fmt else path.suffix.lower()
     if suffix == ".jsonl":
         examples = _read_jsonl(text, path)
     elif suffix == ".json":
@@ -272,9 +273,10 @@ def _csv_options(cell: str, where: str) -> list | None:
 
 
 def row_to_example(row: object, where: str) -> Example:
-    """Validate one {instruction, input?, output, category?, task?, options?} record.
+    """Validate one {instruction, input?, output, category?, task?, options?, id?} record.
 
-    `options` (a list of >= 2 distinct strings) must contain every reference answer."""
+    `options` (a list of >= 2 distinct strings) must contain every reference answer; `id` (text)
+    names the example in predictions (default: "<task, else the file's name>/<row index>")."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with instruction/input/output fields, got {type(row).__name__}")
     instruction = _text(row, "instruction", where, required=True)
@@ -285,7 +287,8 @@ def row_to_example(row: object, where: str) -> Example:
     options, problem = parse_options(row.get("options"), outputs)
     if problem:
         raise DataError(f"{where}: {problem}")
-    return Example(instruction, text_input, outputs, category, task, options=options)
+    return Example(instruction, text_input, outputs, category, task, id=_text(row, "id", where, required=False),
+                   options=options)
 
 
 def _text(row: Mapping, field: str, where: str, *, required: bool) -> str:
