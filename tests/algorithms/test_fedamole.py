@@ -100,7 +100,8 @@ def direct_embeddings(adapter, batch):
 def test_embeddings_come_from_the_aux_split_only():
     method, adapter, rt = small_client()
     adapter.load_held_state(method.configure(1, [0], method.initial_state(adapter))[0].state)
-    extra = method.embed(rt)  # rt.batches raises if touched
+    extra, bounds = method.embed(rt)  # rt.batches raises if touched
+    assert set(bounds) == set(extra) and all(b > 0 for b in bounds.values())
     expected = direct_embeddings(adapter, rt.aux_batches[0])
     assert set(extra) == set(expected)
     for key in expected:
@@ -108,7 +109,7 @@ def test_embeddings_come_from_the_aux_split_only():
     # distinctive aux data gives different embeddings
     _, adapter2, rt2 = small_client(aux_offset=20)
     adapter2.load_held_state(method.configure(1, [0], method.initial_state(adapter))[0].state)
-    other = method.embed(rt2)
+    other, _ = method.embed(rt2)
     assert not torch.allclose(other[f"{next(iter(adapter.layers))}.client_emb"],
                               extra[f"{next(iter(adapter.layers))}.client_emb"])
 
@@ -173,8 +174,9 @@ def test_infeasible_config_names_the_numbers_and_the_fix():
 def test_end_to_end_on_the_local_engine(tmp_path):
     from fedmole.engine.local import run_local
 
-    # experts_per_expert=1 keeps the default pool of 30 feasible for 4 clients (30 <= 4*8)
+    # experts_per_expert=1 keeps the default pool of 30 feasible for 4 clients (30 <= 4*8); DP on
     cfg = load_config("configs/tiny.toml", ["method=fedamole", "fedamole.experts_per_expert=1", "rounds=2",
+                                            "fedamole.dp_eta=50",
                                             "data.num_clients=4", "train.local_steps=1", "data.max_test=1",
                                             "eval.max_new_tokens=1", "run.progress=false"])
     summary = run_local(cfg, tmp_path)
@@ -185,8 +187,29 @@ def test_end_to_end_on_the_local_engine(tmp_path):
     server = torch.load(tmp_path / "checkpoints" / "round_0002" / "server.pt")
     for x in server["assignment"].values():  # RSEA's assignment for round 3 is feasible
         assert (x.sum(1) == 1).all() and (x.sum(0) >= 2).all() and (x.sum(0) <= 8).all()
-    assert all(e.abs().sum() > 0 for e in server["expert_emb"].values())
+    assert all(e.abs().sum() > 0 and torch.isfinite(e).all() for e in server["expert_emb"].values())
     # a client downloads only its held view: on average 30/4 of the 30 experts, not the pool
     pool = load_file(str(tmp_path / "adapter.safetensors"))
     full = sum(t.numel() * t.element_size() for t in pool.values())
     assert rows[1]["comm_bytes_down"] < 4 * full / 2
+
+
+def test_dp_noise_shrinks_as_the_budget_grows():
+    """The uploaded embeddings under DP: noisy, within the clip bound, closer to the clean ones at larger eta."""
+    cosines = {}
+    for eta in (0.0, 1.0, 100.0):
+        method, adapter, rt = small_client(options=FedAMoLEOptions(pool_size=6, max_experts=4, dp_eta=eta))
+        items = [([1, 2, 3, 4, 5, 6], [-100, -100, -100, 4, 5, 6])] * 4
+        rt.batches = type("B", (), {"next": staticmethod(lambda: collate_train(items, 0))})()
+        instruction = method.configure(1, [0], method.initial_state(adapter))[0]
+        reply = method.client_update(rt, instruction)
+        assert method.check(reply, instruction) is None
+        clean, bounds = method.embed(rt)  # the same trained view, without noise
+        keys = sorted(clean)
+        if eta == 0:
+            assert all(torch.equal(reply.extra[k], clean[k]) for k in keys)
+            continue
+        assert all(float(reply.extra[k].norm()) <= float(bounds[k]) + 1e-5 for k in keys)
+        cosines[eta] = float(np.mean([torch.nn.functional.cosine_similarity(reply.extra[k], clean[k], dim=0)
+                                      for k in keys]))
+    assert cosines[1.0] < 0.5 < 0.95 < cosines[100.0]

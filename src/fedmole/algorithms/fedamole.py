@@ -13,7 +13,12 @@ projection W_t (adapters/amole.py). Every round:
    result as its personal model, then runs no-grad over its aux split only:
    t_c = token mean of W_t x, e_{c,j} = token mean of A_j x (held j), per module.
    Reply: the trained view, plus `<module>.client_emb` (r,) and
-   `<module>.expert_emb.<j>` (r,) in `Reply.extra` (optionally DP-noised).
+   `<module>.expert_emb.<j>` (r,) in `Reply.extra`. With `dp_eta` > 0 each uploaded
+   vector gets the official code's noise (`rsea.privatize`: per coordinate
+   Gamma(r, rate eta) x U[-1, 1]) and is scaled down to the largest norm of any one
+   aux batch's mean of that vector. (The official code means the same bound but
+   compares the first batch's mean with later batches' token *sums*, so there it
+   rarely binds; here it is the per-batch mean throughout.)
 3. server: each domain expert = unweighted mean over its holders this round
    (kept where nobody held it); shared expert and W_t = mean over all replies;
    e_j = mean over holders; then RSEA (algorithms/rsea.py) per module gives the
@@ -67,7 +72,8 @@ class FedAMoLEOptions:
     shared_expert: bool = opt(True, "add the always-on shared expert (weight 1)")
     assignment: str = opt("rsea", "rsea | static (random once) | random (each round) | "
                           "uniform (RSEA, every client holds N*K/C experts)", choices=ASSIGNMENTS)
-    dp_eta: float = opt(0.0, "scale of the Gamma noise on uploaded embeddings (0 = off)", range=(0.0, None))
+    dp_eta: float = opt(0.0, "privacy budget eta of the noise on uploaded embeddings: per coordinate Gamma(r, rate "
+                        "eta) x U[-1,1], larger = less noise (the paper tries 1/50/100); 0 = off", range=(0.0, None))
 
     def bounds(self, num_clients: int) -> tuple[int, int, int]:
         """(K, L, M) in force for C clients: `uniform` pins L and M to floor/ceil(N*K/C)."""
@@ -276,10 +282,10 @@ class FedAMoLE(Method):
         trained = adapter.held_state()
         rt.store["personal"] = trained
         counts, tokens = adapter.counts()
-        extra = self.embed(rt)
+        extra, bounds = self.embed(rt)
         if extra and self.options.dp_eta > 0:
             rng = np.random.default_rng([self.seed, instruction.round, rt.client_id])
-            extra = {k: privatize(v, self.options.dp_eta, rng) for k, v in sorted(extra.items())}
+            extra = {k: privatize(v, self.options.dp_eta, rng, bounds[k]) for k, v in sorted(extra.items())}
         return Reply(
             round=instruction.round,
             client_id=rt.client_id,
@@ -293,11 +299,12 @@ class FedAMoLE(Method):
         )
 
     @torch.no_grad()
-    def embed(self, rt: ClientRuntime) -> State:
+    def embed(self, rt: ClientRuntime) -> tuple[State, dict[str, torch.Tensor]]:
         """No-grad pass over the aux split only: `<m>.client_emb` (r,) and `<m>.expert_emb.<j>` (r,)
-        per module and held expert j (empty when the client has no aux examples)."""
+        per module and held expert j (empty when the client has no aux examples), and per key
+        the largest norm of one aux batch's mean (the DP clip bound)."""
         if not rt.aux_batches:
-            return {}
+            return {}, {}
         adapter: AMoLEAdapter = rt.adapter
         device = rt.trainer.device
         adapter.model.eval()
@@ -309,10 +316,14 @@ class FedAMoLE(Method):
                         adapter.model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
         held = adapter.held()
         out: State = {}
-        for m, (t, e) in adapter.embeddings().items():
-            out[client_emb_key(m)] = t
-            out.update({expert_emb_key(m, j): e[row].clone() for row, j in enumerate(held[m])})
-        return out
+        bounds: dict[str, torch.Tensor] = {}
+        for m, means in adapter.embeddings().items():
+            out[client_emb_key(m)] = means.query
+            bounds[client_emb_key(m)] = means.query_bound
+            for row, j in enumerate(held[m]):
+                out[expert_emb_key(m, j)] = means.keys[row].clone()
+                bounds[expert_emb_key(m, j)] = means.key_bounds[row]
+        return out, bounds
 
     def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
         """Personalised: the client's own model after its latest local training; before any,
