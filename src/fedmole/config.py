@@ -108,12 +108,17 @@ class AdapterSection:
 class TrainSection:
     local_steps: int = opt(10, "optimizer steps per client per round", range=(1, None))
     batch_size: int = opt(8, "sequences per step", range=(1, None))
-    lr: float = opt(1e-3, "AdamW learning rate", range=(0.0, 1.0))
-    rescale_lr: float = opt(1e-2, "learning rate of the learned tier rescalers (their own AdamW group, no weight "
+    lr: float = opt(1e-3, "learning rate (of round 1; see lr_decay)", range=(0.0, 1.0))
+    rescale_lr: float = opt(1e-2, "learning rate of the learned tier rescalers (their own optimizer group, no weight "
                             "decay: one scalar per tier and module moves too little at the LoRA rate)",
                             range=(0.0, 1.0))
-    weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, None))
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw, an L2 term for adam)", range=(0.0, None))
     grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", range=(0.0, None))
+    optimizer: str = opt("adamw", "local optimizer: adamw | adam (FedAMoLE's official recipe)",
+                         choices=("adamw", "adam"))
+    eps: float = opt(1e-8, "Adam epsilon (FedAMoLE's official recipe: 1e-6)", range=(0.0, 1.0))
+    lr_decay: float = opt(1.0, "learning-rate factor per round, the same for every method: round t trains at "
+                          "lr * lr_decay^(t-1) (FedAMoLE's official recipe: 0.99; 1 = constant)", range=(1e-6, 1.0))
 
 
 @dataclass

@@ -123,7 +123,7 @@ class Method:
         """Default client step: start from the sent state, train with top-k = tier, report counts."""
         rt.adapter.load_state_dict(instruction.state)
         rt.adapter.reset_counts()
-        loss = rt.trainer.train(rt.adapter, rt.batches, k=instruction.tier, store=rt.store)
+        loss = rt.trainer.train(rt.adapter, rt.batches, k=instruction.tier, store=rt.store, rnd=instruction.round)
         counts, tokens = rt.adapter.counts()
         return Reply(
             round=instruction.round,

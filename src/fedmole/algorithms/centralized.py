@@ -64,7 +64,7 @@ class Centralized(LoRAMethod):
             raise RuntimeError("centralized needs every client's data: the engine must call attach_clients")
         rt.adapter.load_state_dict(instruction.state)
         trainer = dataclasses.replace(rt.trainer, steps=rt.trainer.steps * instruction.config["clients"])
-        loss = trainer.train(rt.adapter, self.pool, k=instruction.tier, store=self.center)
+        loss = trainer.train(rt.adapter, self.pool, k=instruction.tier, store=self.center, rnd=instruction.round)
         return Reply(instruction.round, rt.client_id, rt.adapter.state_dict(), len(self.pool.items),
                      instruction.tier, loss)
 

@@ -278,7 +278,7 @@ class FedAMoLE(Method):
         adapter: AMoLEAdapter = rt.adapter
         adapter.load_held_state(instruction.state)
         adapter.reset_counts()
-        loss = rt.trainer.train(adapter, rt.batches, k=self.options.top_k, store={})  # fresh optimizer
+        loss = rt.trainer.train(adapter, rt.batches, k=self.options.top_k, store={}, rnd=instruction.round)  # fresh optimizer
         trained = adapter.held_state()
         rt.store["personal"] = trained
         counts, tokens = adapter.counts()

@@ -161,7 +161,7 @@ class FLoRA(LoRAMethod):
         rt.store["merged"], rt.store["base_version"] = base, version
         rt.adapter.set_merged(base)
         lora = {k: v for k, v in instruction.state.items() if k not in update}
-        state, loss = self.train_view(rt, lora, instruction.tier)
+        state, loss = self.train_view(rt, lora, instruction.tier, instruction.round)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
     def eval_view(self, rt: ClientRuntime, global_state: State) -> int:

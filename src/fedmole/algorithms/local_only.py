@@ -56,7 +56,7 @@ class LocalOnly(LoRAMethod):
         start = rt.store.get("personal") or instruction.state
         if not start:
             raise RuntimeError(f"client {rt.client_id} holds no adapter and was sent none")
-        state, loss = self.train_view(rt, start, instruction.tier)
+        state, loss = self.train_view(rt, start, instruction.tier, instruction.round)
         rt.store["personal"] = state
         return Reply(instruction.round, rt.client_id, {}, len(rt.data.train), instruction.tier, loss)
 

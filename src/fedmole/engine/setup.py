@@ -138,6 +138,7 @@ class Setup:
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,
             device=self.device, autocast_dtype=self.autocast, rescale_lr=cfg.train.rescale_lr,
+            optimizer=cfg.train.optimizer, eps=cfg.train.eps, lr_decay=cfg.train.lr_decay,
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
         self.method.attach_clients(self.runtimes)
