@@ -143,6 +143,10 @@ class EvalSection:
     max_new_tokens: int = opt(32, "greedy decoding bound", range=(1, None))
     batch_size: int = opt(16, "prompts per generation batch", range=(1, None))
     max_prompt_tokens: int = opt(256, "prompt length cap at evaluation", range=(16, None))
+    protocol: str = opt("auto", "what is evaluated: global (the aggregated model) | personalized (each client's "
+                        "model after its latest local training, the '-FT' protocol) | auto (personalized for local "
+                        "and fedamole, which have no global model to evaluate; global otherwise)",
+                        choices=("auto", "global", "personalized"))
 
 
 @dataclass
@@ -351,6 +355,12 @@ def validate(cfg: Config) -> None:
         )
     if cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens > 4096:
         raise ConfigError("eval.max_prompt_tokens + eval.max_new_tokens must stay within 4096")
+    from fedmole.algorithms import METHODS
+
+    protocols = METHODS[cfg.run.method].protocols
+    if cfg.eval.protocol not in ("auto", *protocols):
+        raise ConfigError(f"eval.protocol = {cfg.eval.protocol!r}: {cfg.run.method} evaluates each client's own "
+                          f"model and has no global one to evaluate; allowed: auto, {', '.join(protocols)}")
     check = getattr(cfg.method_options(), "check", None)  # the method's own cross-field rules
     if check is not None:
         check(cfg)
@@ -378,6 +388,13 @@ def check_adapter_options(cfg: Config, moe: bool) -> None:
                 f"({cfg.model.name}): {method.ignored_reason(key, moe)}; remove it (options used here: "
                 f"{', '.join(f'adapter.{u}' for u in sorted(used))})"
             )
+
+
+def eval_protocol(cfg: Config) -> str:
+    """eval.protocol with `auto` resolved to the run method's own protocol."""
+    from fedmole.algorithms import METHODS
+
+    return METHODS[cfg.run.method].protocols[0] if cfg.eval.protocol == "auto" else cfg.eval.protocol
 
 
 def assign_tiers(cfg: Config) -> list[int]:

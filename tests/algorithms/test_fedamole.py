@@ -19,7 +19,8 @@ from fedmole.algorithms.fedamole import (
 from fedmole.config import ConfigError, load_config
 from fedmole.data.tokenize import collate_train
 from fedmole.data.types import ClientData
-from fedmole.messages import Reply
+from fedmole.engine.personal import joint_sha256, load_client_state
+from fedmole.messages import Reply, state_sha256
 from fedmole.models import tiny_llama
 from fedmole.training import LocalTrainer
 
@@ -184,6 +185,11 @@ def test_end_to_end_on_the_local_engine(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(not r["rejected"] and len(r["clients"]) == 4 for r in rows[1:])
     assert np.isfinite(summary["metrics"]["rouge_l"]) and summary["method"] == "fedamole"
+    # personalised, without tiers: no per-tier rows; each client's evaluated model saved and fingerprinted
+    assert summary["protocol"] == "personalized" and summary["per_tier"] == {}
+    shas = {c["client_id"]: c["state_sha256"] for c in summary["per_client"].values()}
+    assert summary["final_state_sha256"] == joint_sha256(shas)
+    assert all(state_sha256(load_client_state(tmp_path, c)) == sha for c, sha in shas.items())
     server = torch.load(tmp_path / "checkpoints" / "round_0002" / "server.pt")
     for x in server["assignment"].values():  # RSEA's assignment for round 3 is feasible
         assert (x.sum(1) == 1).all() and (x.sum(0) >= 2).all() and (x.sum(0) <= 8).all()

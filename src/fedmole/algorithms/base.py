@@ -59,8 +59,10 @@ class Method:
             return "only a sparse MoE base has a router to train"
         return "this method's adapter has no such part"
 
-    # evaluated on each client's own model (kept in its runtime store), not on the global state
-    personalized: ClassVar[bool] = False
+    # the evaluation protocols (eval.protocol) this method can report; the first is its default
+    protocols: ClassVar[tuple[str, ...]] = ("global", "personalized")
+    # whether clients differ by tier (k experts per token, or rank); False: no per-tier results
+    tiered: ClassVar[bool] = True
 
     @classmethod
     def build_adapter(
@@ -76,11 +78,18 @@ class Method:
         return inject_mole(model, adapter_cfg.mole(seed), k_max=max(tiers))
 
     def __init__(self, options, adapter: MoLEAdapter, tiers: list[int], seed: int):
+        self.protocol = self.protocols[0]  # set_protocol(eval protocol) before a run
         self.options = options
         self.tiers = tiers  # tier of each client id
         self.seed = seed
         self.shapes = adapter.shapes()
         self.num_experts = {name: layer.num_experts for name, layer in adapter.layers.items()}
+
+    def set_protocol(self, protocol: str) -> None:
+        """Evaluate `global` (the aggregated model) or `personalized` (each client's own model)."""
+        if protocol not in self.protocols:
+            raise ValueError(f"{self.name} reports the {' or '.join(self.protocols)} protocol, not {protocol!r}")
+        self.protocol = protocol
 
     # -- server side ---------------------------------------------------------
     def initial_state(self, adapter: MoLEAdapter) -> State:
@@ -125,10 +134,12 @@ class Method:
         rt.adapter.reset_counts()
         loss = rt.trainer.train(rt.adapter, rt.batches, k=instruction.tier, store=rt.store, rnd=instruction.round)
         counts, tokens = rt.adapter.counts()
+        state = rt.adapter.state_dict()
+        self.keep_personal(rt, state)
         return Reply(
             round=instruction.round,
             client_id=rt.client_id,
-            state=rt.adapter.state_dict(),
+            state=state,
             num_examples=len(rt.data.train),
             tier=instruction.tier,
             train_loss=loss,
@@ -136,10 +147,34 @@ class Method:
             tokens=tokens,
         )
 
+    # -- evaluation ------------------------------------------------------------
+    # Global protocol: every client is evaluated with its view of the global state.
+    # Personalised protocol: with its model after its latest local training (the
+    # '-FT' protocol), kept as one state in its store (`rt.store["personal"]`);
+    # a client that has not trained yet is evaluated with its global view.
+    def keep_personal(self, rt: ClientRuntime, state: State) -> None:
+        """Under the personalised protocol, keep `state` (this client's trained model) for evaluation."""
+        if self.protocol == "personalized":
+            rt.store["personal"] = state
+
+    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
+        """The tensors client `rt` is evaluated with under the global protocol."""
+        return global_state
+
+    def evaluated_state(self, rt: ClientRuntime, global_state: State) -> State:
+        """The tensors client `rt` is evaluated with under this method's protocol (what a
+        personalised run saves per client)."""
+        personal = rt.store.get("personal") if self.protocol == "personalized" else None
+        return personal if personal is not None else self.global_view(rt, global_state)
+
+    def load_view(self, rt: ClientRuntime, state: State) -> int:
+        """Load an evaluated state (`evaluated_state`) into the adapter; return the k it runs with."""
+        rt.adapter.load_state_dict(state)
+        return rt.tier
+
     def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
         """Load the weights this client is evaluated with; return its k."""
-        rt.adapter.load_state_dict(global_state)
-        return rt.tier
+        return self.load_view(rt, self.evaluated_state(rt, global_state))
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:

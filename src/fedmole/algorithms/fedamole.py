@@ -159,7 +159,10 @@ class FedAMoLE(Method):
     key-based routing, RSEA expert-to-client assignment, personalised evaluation."""
 
     name = "fedamole"
-    personalized = True
+    # no single global model: the pool's experts form a model only in some client's subset,
+    # and the paper evaluates each client's own model after its local training
+    protocols = ("personalized",)
+    tiered = False  # clients differ in data, not compute: fed.tiers does not apply
     Options = FedAMoLEOptions
     # num_experts only bounds fed.tiers, which a shared config may set for the other methods
     ADAPTER_OPTIONS = {"dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets", "aux_loss_weight"}),
@@ -280,7 +283,7 @@ class FedAMoLE(Method):
         adapter.reset_counts()
         loss = rt.trainer.train(adapter, rt.batches, k=self.options.top_k, store={}, rnd=instruction.round)  # fresh optimizer
         trained = adapter.held_state()
-        rt.store["personal"] = trained
+        self.keep_personal(rt, trained)
         counts, tokens = adapter.counts()
         extra, bounds = self.embed(rt)
         if extra and self.options.dp_eta > 0:
@@ -325,11 +328,10 @@ class FedAMoLE(Method):
                 bounds[expert_emb_key(m, j)] = means.key_bounds[row]
         return out, bounds
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        """Personalised: the client's own model after its latest local training; before any,
-        the global experts of its current assignment."""
-        personal = rt.store.get("personal")
-        if personal is None:
-            personal = held_view(global_state, self.held_by(rt.client_id))
-        rt.adapter.load_held_state(personal)
+    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
+        """Before a client has trained: the global experts of its current assignment."""
+        return held_view(global_state, self.held_by(rt.client_id))
+
+    def load_view(self, rt: ClientRuntime, state: State) -> int:
+        rt.adapter.load_held_state(state)
         return self.options.top_k

@@ -101,11 +101,11 @@ class LoRAMethod(Method):
 
     def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
         state, loss = self.train_view(rt, instruction.state, instruction.tier, instruction.round)
+        self.keep_personal(rt, state)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        rt.adapter.load_state_dict(self.client_view(global_state, rt.client_id))
-        return rt.tier
+    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
+        return self.client_view(global_state, rt.client_id)
 
 
 def stack_lora(

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from fedmole.algorithms.base import ClientRuntime, client_seed
 from fedmole.config import Config
 from fedmole.console import bars_enabled, round_line
+from fedmole.engine.personal import evaluated_sha256, save_client_states
 from fedmole.engine.setup import Setup, describe_setup
 from fedmole.evaluation.generate import evaluate_generation
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
@@ -117,19 +118,24 @@ class LocalEngine:
         final = evaluation if evaluation is not None else self.evaluate(global_state, cfg.run.rounds)
         trained = self.method.final_state(global_state)
         out.save_adapter(trained)
+        evaluated_sha = state_sha256(trained)
+        if self.method.protocol == "personalized":  # what was evaluated: each client's own model
+            save_client_states(out.path, self.setup, global_state, final["per_client"])
+            evaluated_sha = evaluated_sha256(final["per_client"])
         summary = {
             "method": cfg.run.method,
             "engine": self.name,
             "model": cfg.model.name,
             "rounds": cfg.run.rounds,
             "seed": cfg.run.seed,
+            "protocol": self.method.protocol,
             "metrics": _headline(final),
             "baseline_metrics": _headline(before),
             "per_client": final["per_client"],
-            "per_tier": final["per_tier"],
+            "per_tier": final["per_tier"] if self.method.tiered else {},
             "comm_bytes": comm,
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
-            "final_state_sha256": state_sha256(trained),
+            "final_state_sha256": evaluated_sha,
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
             "data": self.setup.data_summary,
@@ -259,8 +265,11 @@ def evaluate_client(setup: Setup, rt: ClientRuntime, global_state: State) -> dic
             progress=bars_enabled(setup.cfg.run.progress),
         )
     log.debug("evaluated client %d (k=%d): rouge_l %.2f over %d examples", rt.client_id, k, res["rouge_l"], res["n"])
-    return {"client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
-            "exact_match": res["exact_match"], "n": res["n"]}
+    out = {"client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
+           "exact_match": res["exact_match"], "n": res["n"]}
+    if setup.method.protocol == "personalized":  # which of the clients' own models was scored
+        out["state_sha256"] = state_sha256(setup.method.evaluated_state(rt, global_state))
+    return out
 
 
 def summarise(per_client: dict) -> dict:

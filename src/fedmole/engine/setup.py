@@ -14,7 +14,7 @@ from fedmole.algorithms import METHODS, Method
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.adapters.moe_lora import is_moe_model
 from fedmole.assets import model_kind
-from fedmole.config import Config, assign_tiers, check_adapter_options
+from fedmole.config import Config, assign_tiers, check_adapter_options, eval_protocol
 from fedmole.data import partition as partitioning
 from fedmole.data.splits import build_clients
 from fedmole.data.summary import data_summary
@@ -134,6 +134,7 @@ class Setup:
         self.model.to(self.device)
         self.model.eval()  # injected layers start in training mode; the trainer switches modes itself
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
+        self.method.set_protocol(eval_protocol(cfg))
         self.trainer = LocalTrainer(
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,

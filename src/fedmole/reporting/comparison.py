@@ -52,6 +52,7 @@ def collect(runs: list[tuple[str, int, Path]], failures: dict[str, str]) -> list
         trained = [r for r in rounds if r.get("round", 0) > 0]
         rec.update(
             status="done",
+            protocol=s.get("protocol", "global"),
             metrics=s["metrics"],
             per_tier={t: {"rouge_l": v["rouge_l"], "exact_match": v["exact_match"], "clients": v["clients"]}
                       for t, v in s["per_tier"].items()},
@@ -89,6 +90,7 @@ def table(records: list[dict]) -> dict:
         tiers = dict.fromkeys(t for r in done for t in r["per_tier"])
         out[method] = {
             "seeds": [r["seed"] for r in done],
+            "protocol": "/".join(sorted({r["protocol"] for r in done})),
             "rouge_l": mean_std([r["metrics"]["rouge_l"] for r in done]),
             "exact_match": mean_std([r["metrics"]["exact_match"] for r in done]),
             "per_tier": {t: {m: mean_std([r["per_tier"][t][m] for r in done if t in r["per_tier"]])
@@ -103,14 +105,15 @@ def table(records: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     rows_in = result["table"]
     tiers = sorted({t for v in rows_in.values() for t in v["per_tier"]}, key=lambda t: -int(t))
-    header = ["method", "seeds", "ROUGE-L", "EM"]
+    header = ["method", "protocol", "seeds", "ROUGE-L", "EM"]
     for t in tiers:
         header += [f"ROUGE-L k={t}", f"EM k={t}"]
     header += ["up / round", "down / round", "wall time"]
     rows = []
     for method, v in rows_in.items():
         ref = " †" if method in REFERENCES else ""
-        row = [f"{method}{ref}", str(len(v["seeds"])), _fmt(v["rouge_l"]), _fmt(v["exact_match"])]
+        row = [f"{method}{ref}", v.get("protocol") or "–", str(len(v["seeds"])), _fmt(v["rouge_l"]),
+               _fmt(v["exact_match"])]
         for t in tiers:
             pt = v["per_tier"].get(t, {})
             row += [_fmt(pt.get("rouge_l")), _fmt(pt.get("exact_match"))]
@@ -123,7 +126,9 @@ def markdown(result: dict) -> str:
                                                      if meta.get("overrides") else "")]
     lines += [f"- methods: {', '.join(result['methods'])}; seeds: {', '.join(map(str, result['seeds']))}", ""]
     lines += ["Final scores after the last round, mean ± sample std over seeds; k = experts per token of the "
-              "tier (rank adapter.rank × k for the LoRA baselines). Traffic is per round, summed over clients.", ""]
+              "tier (rank adapter.rank × k for the LoRA baselines). Protocol: global (the aggregated model) or "
+              "personalized (each client's model after its last local training); compare like with like. "
+              "Traffic is per round, summed over clients.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "† reference, not a federated method: local sends the initial adapter once and uploads nothing; "

@@ -149,9 +149,13 @@ def _client_section(per_client: dict) -> list[str]:
         return []
     first = ["tier", "rouge_l", "exact_match"]
     present = {k for info in per_client.values() for k, v in (info or {}).items() if _is_scalar(v)}
-    columns = [c for c in first if c in present] + sorted(present - set(first))
+    columns = [c for c in first if c in present] + sorted(present - set(first) - {"state_sha256"})
     rows = [[_cell("client", name)] + [_cell(c, (per_client[name] or {}).get(c)) for c in columns]
             for name in sorted(per_client, key=_sort_key)]
+    if "state_sha256" in present:  # personalised runs: each client's own model (RUN_DIR/clients/)
+        columns.append("model sha256")
+        for row, name in zip(rows, sorted(per_client, key=_sort_key)):
+            row.append(f"`{str((per_client[name] or {}).get('state_sha256', ''))[:12]}`")
     return ["## Per client", "", *_table(["client", *columns], rows), ""]
 
 
@@ -255,7 +259,8 @@ def write_report(run_dir: Path) -> Path:
     method = summary.get("method", "unknown method")
     lines = [f"# fedmole run: {method}", ""]
     for label, key in (("engine", "engine"), ("model", "model"), ("rounds", "rounds"), ("seed", "seed"),
-                       ("autocast", "autocast"), ("final state sha256", "final_state_sha256")):
+                       ("evaluation protocol", "protocol"), ("autocast", "autocast"),
+                       ("final state sha256", "final_state_sha256")):
         if summary.get(key) is not None:
             lines.append(f"- {label}: `{summary[key]}`")
     if rounds and "rounds" not in summary:
