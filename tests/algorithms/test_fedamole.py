@@ -136,11 +136,26 @@ def test_client_update_replies_with_its_held_view_and_embeddings():
 
     bad = Reply(**{**reply.__dict__, "extra": {**reply.extra, "x.client_emb": torch.zeros(4)}})
     assert "embedding keys" in method.check(bad, instruction)
+    # counts travel as int32, one per held expert, adding up to tokens * k
     m = next(iter(held))
-    wrong = {**reply.expert_counts, m: reply.expert_counts[m].clone()}
-    unheld = [j for j in range(6) if j not in held[m]][0]
-    wrong[m][unheld] += 1
-    assert "does not hold" in method.check(Reply(**{**reply.__dict__, "expert_counts": wrong}), instruction)
+    counts = reply.expert_counts[m]
+    assert counts.dtype == torch.int32 and counts.shape == (len(held[m]),)
+    assert int(counts.sum()) == int(reply.tokens[m]) * 2 and all(c.dtype == torch.int32
+                                                                 for c in reply.expert_counts.values())
+
+    def with_counts(c):
+        return Reply(**{**reply.__dict__, "expert_counts": {**reply.expert_counts, m: c}})
+
+    pool = torch.zeros(6, dtype=torch.int32)
+    pool[held[m]] = counts
+    assert "int32 of shape (" in method.check(with_counts(pool), instruction)  # the whole pool
+    assert "int32 of shape (" in method.check(with_counts(counts.double()), instruction)
+    assert "expected tokens*k" in method.check(with_counts(counts + torch.eye(len(counts), dtype=torch.int32)[0]),
+                                               instruction)
+    assert "negative" in method.check(with_counts(-counts), instruction)
+    usage = method.expert_usage(reply)
+    assert set(usage) == set(held) and list(usage[m]) == [str(j) for j in held[m]]
+    assert sum(usage[m].values()) == pytest.approx(1.0)
     extra_key = {**reply.state, f"{m}.lora_A.{unheld}": torch.zeros(4, 32)}
     assert "wrong key set" in method.check(Reply(**{**reply.__dict__, "state": extra_key}), instruction)
 
@@ -155,11 +170,48 @@ def test_server_state_round_trip_and_assignment_modes():
     other.load_state_dict(method.state_dict())
     assert all(torch.equal(other.assignment[m], x0[m]) for m in x0)
 
-    static, _, _ = small_client(options=FedAMoLEOptions(pool_size=6, max_experts=4, assignment="static"))
-    before = {m: x.clone() for m, x in static.assignment.items()}
-    assert all(torch.equal(static.next_assignment(3)[m], before[m]) for m in before)
-    uniform = FedAMoLEOptions(pool_size=6, assignment="uniform")
-    assert uniform.bounds(4) == (2, 3, 3) and uniform.bounds(3) == (2, 4, 4)
+
+
+@pytest.mark.parametrize("assignment", ["rsea", "static", "random"])
+@pytest.mark.parametrize("expert_counts", ["data", "uniform"])
+def test_assignment_and_expert_counts_are_independent_switches(assignment, expert_counts):
+    opts = FedAMoLEOptions(pool_size=6, min_experts=1, max_experts=5, assignment=assignment,
+                           expert_counts=expert_counts)
+    method, adapter, _ = small_client(options=opts)
+    torch.manual_seed(1)
+    method.expert_emb = {m: torch.randn_like(e) for m, e in method.expert_emb.items()}
+    method.client_emb = {m: torch.randn_like(t) for m, t in method.client_emb.items()}
+    before = {m: x.clone() for m, x in method.assignment.items()}
+    after = method.next_assignment(3)
+    for x in (*before.values(), *after.values()):
+        assert (x.sum(1) == 2).all()  # K holders per expert
+        held = x.sum(0)
+        assert (held == 3).all() if expert_counts == "uniform" else ((held >= 1) & (held <= 5)).all()
+    same = all(torch.equal(after[m], before[m]) for m in before)
+    assert same == (assignment == "static")
+    if assignment == "rsea":  # follows the embeddings: the optimum for their preferences
+        from fedmole.algorithms.rsea import preferences
+
+        for m in after:
+            p = preferences(method.expert_emb[m], method.client_emb[m], 4)
+            assert (p * after[m].numpy()).sum() >= (p * before[m].numpy()).sum() - 1e-9
+
+
+@pytest.mark.parametrize("assignment", ["static", "random"])
+def test_static_and_random_compute_and_upload_no_embeddings(assignment, monkeypatch):
+    method, adapter, rt = small_client(options=FedAMoLEOptions(pool_size=6, max_experts=4, assignment=assignment))
+    items = [([1, 2, 3, 4, 5, 6], [-100, -100, -100, 4, 5, 6])] * 4
+    rt.batches = type("B", (), {"next": staticmethod(lambda: collate_train(items, 0))})()
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("an embedding pass over the aux split")
+
+    monkeypatch.setattr(type(adapter), "embedding_pass", no_pass)
+    instruction = method.configure(1, [0], method.initial_state(adapter))[0]
+    reply = method.client_update(rt, instruction)
+    assert reply.extra == {} and method.check(reply, instruction) is None
+    sneaked = Reply(**{**reply.__dict__, "extra": {f"{M}.client_emb": torch.zeros(4)}})
+    assert "uses none" in method.check(sneaked, instruction)
 
 
 def test_infeasible_config_names_the_numbers_and_the_fix():
@@ -170,6 +222,15 @@ def test_infeasible_config_names_the_numbers_and_the_fix():
         cfg.method_options().check(cfg)
     cfg.methods["fedamole"] = FedAMoLEOptions(pool_size=12)
     cfg.method_options().check(cfg)
+    cfg.methods["fedamole"] = FedAMoLEOptions(pool_size=13, expert_counts="uniform")
+    with pytest.raises(ConfigError, match=r"N\*K = 13\*2 = 26 is not divisible by data.num_clients C=6; "
+                                          r"e.g. set fedamole.pool_size to 12 or 15"):
+        cfg.method_options().check(cfg)
+    with pytest.raises(ConfigError, match="fedamole.assignment = 'uniform'; allowed: rsea, static, random"):
+        load_config("configs/tiny.toml", ["method=fedamole", "fedamole.assignment=uniform"])
+    cfg = load_config("configs/tiny.toml", ["method=fedamole", "fedamole.expert_counts=uniform",
+                                            "fedamole.assignment=random"])
+    assert cfg.method_options().bounds(6) == (2, 4, 4)
 
 
 def test_end_to_end_on_the_local_engine(tmp_path):

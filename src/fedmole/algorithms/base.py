@@ -147,6 +147,14 @@ class Method:
             tokens=tokens,
         )
 
+    def expert_usage(self, reply: Reply) -> list[float] | dict | None:
+        """What summary.json reports of a client's routing (`expert_usage`): the fraction of routed
+        tokens per expert, averaged over modules whose expert j is the same slot; None without counts."""
+        if not reply.expert_counts:
+            return None
+        fracs = [c.to(torch.float64) / c.sum().clamp_min(1) for c in reply.expert_counts.values()]
+        return torch.stack(fracs).mean(0).tolist()
+
     # -- evaluation ------------------------------------------------------------
     # Global protocol: every client is evaluated with its view of the global state.
     # Personalised protocol: with its model after its latest local training (the

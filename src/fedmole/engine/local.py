@@ -243,14 +243,13 @@ class LocalEngine:
             per_client[rt.data.name] = evaluate_client(self.setup, rt, global_state)
         return summarise(per_client)
 
-    def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
-        """Fraction of routed tokens per expert, averaged over modules, per client of the last round."""
+    def expert_usage(self, replies: list[Reply]) -> dict:
+        """Each client's routing in the last round, as the method summarises it (`Method.expert_usage`)."""
         usage = {}
         for r in replies:
-            if not r.expert_counts:
-                continue
-            fracs = [c / c.sum().clamp_min(1) for c in r.expert_counts.values()]
-            usage[self.setup.runtimes[r.client_id].data.name] = torch.stack(fracs).mean(0).tolist()
+            summary = self.method.expert_usage(r)
+            if summary is not None:
+                usage[self.setup.runtimes[r.client_id].data.name] = summary
         return usage
 
 
