@@ -74,6 +74,9 @@ class DataSection:
     max_test: int = opt(32, "test examples per client (0 = all)", range=(0, None))
     val_frac: float = opt(0.1, "validation fraction", range=(0.0, 0.5))
     test_frac: float = opt(0.1, "test fraction", range=(0.0, 0.5))
+    aux_frac: float = opt(0.04, "aux fraction: held out from training for no-grad passes (FedAMoLE's embeddings)",
+                          range=(0.0, 0.5))
+    aux_max: int = opt(200, "most aux examples per client (0 = no cap)", range=(0, None))
     max_len: int = opt(256, "tokens per training sequence (the instruction is truncated, never the answer)",
                        range=(16, None))
     max_answer_tokens: int = opt(64, "answer tokens kept for training", range=(1, None))
@@ -346,8 +349,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"
         )
-    if cfg.data.val_frac + cfg.data.test_frac >= 0.9:
-        raise ConfigError("data.val_frac + data.test_frac must stay below 0.9")
+    if cfg.data.val_frac + cfg.data.test_frac + cfg.data.aux_frac >= 0.9:
+        raise ConfigError("data.val_frac + data.test_frac + data.aux_frac must stay below 0.9")
     if cfg.data.partition == "task" and cfg.data.tasks and len(cfg.data.tasks) < cfg.data.num_clients:
         raise ConfigError(
             f"data.tasks lists {len(cfg.data.tasks)} tasks but data.num_clients = {cfg.data.num_clients}; "

@@ -102,7 +102,7 @@ def load_clients(cfg: Config, tiers: list[int]) -> tuple[list[ClientData], dict]
         log.info("the task partition (one task per client) leaves %d of %d rows unused: their tasks went to "
                  "no client", len(examples) - assigned, len(examples))
     clients = build_clients(
-        parts, seed, val_frac=d.val_frac, test_frac=d.test_frac,
+        parts, seed, val_frac=d.val_frac, test_frac=d.test_frac, aux_frac=d.aux_frac, aux_max=d.aux_max or None,
         max_train=d.max_train or None, max_test=d.max_test or None,
     )
     summary = data_summary(d.source, d.partition, len(examples), assigned, clients, tiers)
