@@ -148,8 +148,8 @@ class Method:
         )
 
     def expert_usage(self, reply: Reply) -> list[float] | dict | None:
-        """What summary.json reports of a client's routing (`expert_usage`): the fraction of routed
-        tokens per expert, averaged over modules whose expert j is the same slot; None without counts."""
+        """What summary.json reports of a client's routing (`expert_usage`): the fraction of its routed
+        tokens per expert, averaged over modules (expert j is slot j of every module); None without counts."""
         if not reply.expert_counts:
             return None
         fracs = [c.to(torch.float64) / c.sum().clamp_min(1) for c in reply.expert_counts.values()]

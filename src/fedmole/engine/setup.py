@@ -182,5 +182,5 @@ def describe_setup(setup: Setup, engine: str, run_dir) -> list[str]:
     return startup_lines(
         method=setup.cfg.run.method, engine=engine, model=setup.cfg.model.name, base_params=total - trainable,
         trainable_params=trainable, device=str(setup.device), precision=precision, rounds=setup.cfg.run.rounds,
-        run_dir=str(run_dir), data=setup.data_summary,
+        run_dir=str(run_dir), data=setup.data_summary, tiered=setup.method.tiered,
     )
