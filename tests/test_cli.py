@@ -53,7 +53,7 @@ def test_run_export_generate_eval_from_an_empty_directory(tmp_path, monkeypatch,
 def test_a_run_that_fails_before_training_leaves_no_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
-    assert main(["run", "tiny", "--set", "data.source='bad.jsonl'", "--out", "R"]) == 2
+    assert main(["run", "tiny", "--set", "data.source='bad.jsonl'", "--set", "data.tasks=[]", "--out", "R"]) == 2
     assert "cannot split 1 examples across 6 clients" in capsys.readouterr().err
     assert not (tmp_path / "R").exists()
 

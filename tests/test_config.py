@@ -25,15 +25,26 @@ def test_defaults_and_overrides(tmp_path):
         ("adapter.rescale=sometimes", "adapter.rescale = 'sometimes'; allowed: learned, fixed, off"),
         ("fed.tiers=[16]", r"fed.tiers contains 16; each tier must be in 1..adapter.num_experts \(8\)"),
         ("train.lr='fast'", "train.lr: expected a number, got 'fast'"),
+        ("train.lr=nan", "train.lr = nan; allowed: a finite number"),
+        ("fed.client_timeout=inf", "fed.client_timeout = inf; allowed: a finite number"),
+        ("fed.tier_proportions=[1.0, -inf, 1.0, 1.0]", r"fed.tier_proportions\[1\] = -inf; allowed: a finite number"),
         ("data.num_clients=2.5", "data.num_clients: expected an integer"),
         ("fed.tier_proportions=[1.0]", "fed.tier_proportions has 1 entries but fed.tiers has 4"),
         ("fed.min_clients=99", "fed.min_clients = 99 exceeds data.num_clients = 6"),
         ("noequals", "is not key=value"),
+        ("fed.update_norm_factor=0.5", r"fed.update_norm_factor = 0.5; allowed: 0 \(off\) or >= 1"),
+        ("fed.robust=median", "fed.robust = 'median'; allowed: none, clip, trimmed_mean"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_trimmed_mean_only_for_methods_that_average():
+    with pytest.raises(ConfigError, match="does not apply to flexlora.*allowed for: flame, fedit, hetlora"):
+        load_config(None, ["method=flexlora", "fed.robust=trimmed_mean"])
+    assert load_config(None, ["fed.robust=trimmed_mean"]).fed.trim_fraction == 0.1
 
 
 def test_bad_files(tmp_path):
@@ -91,6 +102,24 @@ def test_a_tracker_that_is_not_installed_fails_at_load_time(monkeypatch):
         load_config(None, ["run.tracker=mlflow"])
     with pytest.raises(ConfigError, match="allowed: none, tensorboard, mlflow"):
         load_config(None, ["run.tracker=wandb"])
+
+
+def test_shuffled_tiers_are_a_seeded_permutation():
+    base = ["data.num_clients=8", "fed.tiers=[8, 4, 2, 1]", "adapter.num_experts=8"]
+    fixed = assign_tiers(load_config(None, base))
+    assert fixed == [8, 8, 4, 4, 2, 2, 1, 1]
+    maps = [assign_tiers(load_config(None, [*base, "fed.tier_assignment=shuffled", f"seed={s}"])) for s in range(4)]
+    assert all(sorted(m) == sorted(fixed) for m in maps)  # the same tiers, reassigned
+    assert len({tuple(m) for m in maps}) > 1  # seeds differ
+    again = assign_tiers(load_config(None, [*base, "fed.tier_assignment=shuffled", "seed=2", "method=hetlora"]))
+    assert again == maps[2]  # the method does not enter the map
+
+
+def test_cross_tier_evaluation_needs_the_local_engine():
+    with pytest.raises(ConfigError, match="eval.tiers = 'all' needs run.engine = 'local'"):
+        load_config(None, ["eval.tiers=all", "run.engine=flower-sim"])
+    with pytest.raises(ConfigError, match="eval.tiers = 'some'; allowed: own, all"):
+        load_config(None, ["eval.tiers=some"])
 
 
 def test_evaluation_protocol_per_method():

@@ -12,8 +12,10 @@
 #   RUN_DIR     run directory                           (WORKDIR/run)
 #   TIMEOUT     seconds allowed for the run             (1800)
 #   VENV        virtual environment with fedmole[flower] (.venv)
+#   SITES       1 = real sites: node i reads only its own data file WORKDIR/sites/site_i/data.jsonl
+#               (written by split_sites.py from CONFIG), and the server is given no data at all
 #
-# Node i gets --node-config "partition-id=i tier=T_i": it serves fedmole client i.
+# Node i gets --node-config "partition-id=i tier=T_i [data-path=...]": it serves fedmole client i.
 # Everything it starts runs in this script's process group and is stopped on exit.
 set -euo pipefail
 n=${1:?usage: deploy_local.sh N [WORKDIR]}
@@ -77,10 +79,20 @@ if timeout 120 flower-supernode --superlink "127.0.0.1:$port" --root-certificate
     exit 1
 fi
 
+run_config=""
+if [ "${SITES:-0}" = 1 ]; then
+    echo "== one data file per site in $work/sites"
+    (cd "$repo" && python scripts/flower/split_sites.py "$config" "$work/sites" "data.num_clients=$n" ${OVERRIDES:-}) \
+        | sed 's/^/   /'
+    # the server is pointed at a file that does not exist: loading client data there would fail the run
+    run_config="data.source='$work/no-data-on-the-server.jsonl'"
+fi
+
 echo "== $n SuperNodes"
 for ((i = 0; i < n; i++)); do
     node_config="partition-id=$i"
     if [ -n "${tiers[i]:-}" ]; then node_config="$node_config tier=${tiers[i]}"; fi
+    if [ "${SITES:-0}" = 1 ]; then node_config="$node_config data-path='$work/sites/site_$i/data.jsonl'"; fi
     flower-supernode --superlink "127.0.0.1:$port" --root-certificates "$work/certs/ca.crt" \
         --auth-supernode-private-key "$work/keys/node_$i" --node-config "$node_config" \
         --port "$(free_port)" > "$work/supernode_$i.log" 2>&1 &
@@ -90,7 +102,7 @@ done
 echo "== flwr run (run directory $run_dir)"
 cd "$repo"
 timeout "${TIMEOUT:-1800}" flwr run . fedmole-local --stream --run-config \
-    "config='$config' out='$run_dir' node-wait=120.0 overrides='data.num_clients=$n ${OVERRIDES:-}'" \
+    "config='$config' out='$run_dir' node-wait=120.0 overrides='data.num_clients=$n ${OVERRIDES:-}' $run_config" \
     > "$work/flwr_run.log" 2>&1 || { tail -40 "$work/flwr_run.log" >&2; exit 1; }
 if [ ! -f "$run_dir/summary.json" ]; then
     echo "the run ended without $run_dir/summary.json; logs in $work" >&2
@@ -99,4 +111,9 @@ if [ ! -f "$run_dir/summary.json" ]; then
 fi
 grep -E "round [0-9]+:|run directory" "$work/flwr_run.log" | sed 's/^/   /' || true
 python -c "import json, sys; s = json.load(open(sys.argv[1])); print('   engine', s['engine'], '| metrics', s['metrics'], '| sha256', s['final_state_sha256'][:16])" "$run_dir/summary.json"
+if [ "${SITES:-0}" = 1 ]; then
+    for ((i = 0; i < n; i++)); do  # what each node's ClientApps read (they log every site file they open)
+        echo "   node $i read: $(grep -ho "site data of client [0-9]* from [^ :]*" "$work/supernode_$i.log" | sort -u | tr '\n' ' ')"
+    done
+fi
 echo "== done; shutting down (logs in $work)"

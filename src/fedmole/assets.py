@@ -358,6 +358,8 @@ def resolve_model(spec: str) -> str:
     "smollm2-135m-instruct" -> the prepared cached checkpoint; an existing directory ->
     itself (must hold config.json); "org/name" -> unchanged (a hub id).
     """
+    if spec == "smollm2-moe":
+        return str(prepare_smollm2_moe())
     if spec in EMBEDDED_MODELS:
         return str(prepare_smollm2())
     path = Path(spec).expanduser()
@@ -373,11 +375,43 @@ def resolve_model(spec: str) -> str:
     )
 
 
+SMOLLM2_MOE_VERSION = 2  # bump when the construction changes: a cached older build is then rebuilt
+
+
+def prepare_smollm2_moe(force: bool = False) -> Path:
+    """Return the cached `smollm2-moe` checkpoint, building it from SmolLM2 on first use (a few minutes)."""
+    dense = prepare_smollm2()
+    ni = prepare_natural_instructions()
+    target = cache_root() / "models" / "smollm2-moe"
+    source = f"fedmole.sparsify:smollm2-moe/v{SMOLLM2_MOE_VERSION}"
+    if not force and _is_prepared(target, source):
+        return target
+    from fedmole.sparsify import build_smollm2_moe, model_card
+
+    marker = {"asset": "smollm2-moe", "source": source, "base": str(dense), "license": "Apache-2.0"}
+
+    def log(msg: str) -> None:
+        print(f"fedmole: smollm2-moe: {msg}", file=sys.stderr, flush=True)
+
+    with _atomic_dir(target, marker) as tmp:
+        log("building a sparse Qwen2-MoE model from SmolLM2-135M-Instruct (one time, a few minutes) ...")
+        facts = build_smollm2_moe(dense, ni, tmp, log=log)
+        card = model_card(facts["spec"], "SmolLM2-135M-Instruct", facts["losses"], facts["dense_loss"],
+                          facts["config"], facts["scales"], facts["calibration_tokens"])
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        marker["dense_loss"] = facts["dense_loss"]
+        marker["tier_losses"] = {str(k): v for k, v in facts["losses"].items()}
+        marker["build_seconds"] = round(facts["seconds"], 1)
+        log(f"built in {facts['seconds']:.0f} s")
+    return target
+
+
 def prepare_all() -> dict[str, Path]:
     """Prepare every embedded asset and print where each one is."""
     paths = {
         "smollm2-135m-instruct": prepare_smollm2(),
         "natural_instructions": prepare_natural_instructions(),
+        "smollm2-moe": prepare_smollm2_moe(),
     }
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -4,10 +4,12 @@
                                CONFIG: a TOML file or a named config (tiny, default, ...)
     fedmole resume RUN_DIR     continue an interrupted run from its last good checkpoint
     fedmole compare CONFIG --methods a,b [--seeds 0,1] [--set key=value ...] [--out DIR]
-                               the same job for several methods and seeds, with a comparison table
+                               the same job for several methods and seeds (a study without claims)
     fedmole export RUN_DIR --out DIR [--format peft|fedmole] [--client C] [--tier K] [--merge]
     fedmole generate RUN_DIR --prompt TEXT [--input TEXT] [--client C] [--tier K]
     fedmole eval RUN_DIR --data FILE [--client C] [--tier K]
+    fedmole study STUDY.toml --out DIR [--strict]
+                               arms x seeds of a study file, 95% intervals and claim verdicts
     fedmole prepare            fetch and convert the embedded model and data once
     fedmole config [CONFIG]    list every option, or print a config (resolved) as TOML
     fedmole methods            list the federated methods
@@ -45,6 +47,9 @@ def _resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.toml)")
+    from fedmole.engine.local import check_resumable
+
+    check_resumable(run_dir)  # before anything is built: a Flower server's config names no data it could load
     cfg = load_config(run_dir / "config.toml")
     return _execute(cfg, run_dir, resume=True)
 
@@ -68,8 +73,11 @@ def _execute(cfg, run_dir: Path, resume: bool) -> int:
         raise
     m, b = summary["metrics"], summary["baseline_metrics"]
     print(f"run directory: {run_dir} ({summary['protocol']} evaluation)")
-    print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
-          f"(exact match {b['exact_match']:.2f} -> {m['exact_match']:.2f})")
+    if b:
+        print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
+              f"(exact match {b['exact_match']:.2f} -> {m['exact_match']:.2f})")
+    else:  # eval.before = false
+        print(f"ROUGE-L after training: {m['rouge_l']:.2f}   (exact match {m['exact_match']:.2f})")
     for tier, t in summary["per_tier"].items():
         print(f"  tier k={tier}: ROUGE-L {t['rouge_l']:.2f} over {t['clients']} client(s)")
     print(f"wall time {summary['wall_seconds']:.0f} s, final state sha256 {summary['final_state_sha256'][:16]}...")
@@ -77,15 +85,52 @@ def _execute(cfg, run_dir: Path, resume: bool) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import shlex
+
     from fedmole.algorithms import METHODS
     from fedmole.compare import parse_methods, parse_seeds, run_comparison
 
     methods = parse_methods(args.methods, list(METHODS))
+    words = [args.config, "--methods", args.methods, "--seeds", args.seeds,
+             *(x for kv in args.set or [] for x in ("--set", kv)), *(["--out", args.out] if args.out else [])]
+    command = "fedmole compare " + " ".join(shlex.quote(w) for w in words)
     result = run_comparison(args.config, methods, parse_seeds(args.seeds), args.set or [], args.out,
-                            keep_checkpoints=args.keep_checkpoints)
-    root = Path(result["meta"]["dir"])
-    print((root / "comparison.md").read_text())
-    print(f"comparison directory: {root} (rerun with --out {root} to continue or extend it)")
+                            keep_checkpoints=args.keep_checkpoints, command=command)
+    root = Path(result["study"]["dir"])
+    for metric in result["study"]["metrics"]:
+        cells = {a: v.get(metric) or {} for a, v in result["arms"].items()}
+        if not any(c.get("n") for c in cells.values()):
+            continue
+        print(f"{metric} (mean over test examples, 95% interval):")
+        for arm, c in cells.items():
+            if c.get("n"):
+                print(f"  {arm:12s} {c['mean']:6.2f}  [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]  n={c['n']}")
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"comparison directory: {root} (study.md holds the paired differences; rerun with --out {root} "
+          "to continue or extend it)")
+    failed = [r["dir"] for r in result["runs"] if r["status"] != "done"]
+    if failed:
+        print(f"runs without results: {', '.join(failed)} (rerun the same command to retry them)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    import shlex
+
+    from fedmole.study import load_study, run_study
+
+    study = load_study(args.study)
+    command = "fedmole study " + " ".join(shlex.quote(a) for a in [args.study, "--out", args.out]
+                                          + (["--strict"] if args.strict else []))
+    result = run_study(study, args.out, strict=args.strict, keep_checkpoints=args.keep_checkpoints, command=command)
+    for c in result["claims"]:
+        ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}]"
+        value = "–" if c["diff"] is None else f"{c['diff']:.3g}"
+        print(f"{c['verdict']:>12}  {c['text']}   ({c['estimate']} = {value}, 95% CI {ci})")
+    for w in result["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"study directory: {args.out} (study.json, study.md; rerun the same command to continue it)")
     failed = [r["dir"] for r in result["runs"] if r["status"] != "done"]
     if failed:
         print(f"runs without results: {', '.join(failed)} (rerun the same command to retry them)", file=sys.stderr)
@@ -180,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("run_dir")
     res.set_defaults(func=_resume)
 
-    cmp = sub.add_parser("compare", help="run several methods and seeds on one config and compare them")
+    cmp = sub.add_parser("compare", help="run several methods and seeds on one config and compare them "
+                                          "with 95%% intervals (a study without claims)")
     cmp.add_argument("config", help="TOML file or named config shared by every run")
     cmp.add_argument("--methods", required=True, help="comma-separated method names (see `fedmole methods`)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
@@ -217,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     _view_options(ev)
     ev.set_defaults(func=_eval)
 
+    st = sub.add_parser("study", help="run a study file (arms x seeds) and test its claims")
+    st.add_argument("study", help="study file (TOML; see `fedmole.study`)")
+    st.add_argument("--out", required=True, help="study directory; pass an existing one to continue it")
+    st.add_argument("--strict", action="store_true",
+                    help="fail before any work when an arm has too few test examples (else a warning)")
+    st.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep finished runs' checkpoints (by default they are deleted to save disk)")
+    st.set_defaults(func=_study)
+
     sub.add_parser("prepare", help="prepare the embedded model and dataset").set_defaults(func=_prepare)
 
     cfg = sub.add_parser("config", help="list every option, or print a config (file or name) resolved, as TOML")
@@ -244,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         from fedmole.data.sources import DataError
         from fedmole.export.native import ExportError
         from fedmole.inference import RunError
+        from fedmole.engine.local import ResumeError
 
         if isinstance(e, (AssetError, DataError, ExportError, RunError)):
             print(f"fedmole: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, ResumeError):
+            print(f"fedmole: cannot resume: {e}", file=sys.stderr)
             return 2
         raise
 

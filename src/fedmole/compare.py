@@ -1,48 +1,24 @@
-"""A fair comparison of federated methods: one config, several methods and seeds.
+"""`fedmole compare`: a study without claims, built from the command line.
 
     fedmole compare CONFIG --methods flame,fedit,hetlora --seeds 0,1,2 [--set key=value ...] [--out DIR]
 
-Every run is resolved from the same config and overrides; only `run.method`
-and `run.seed` vary, so the partition, splits, tiers, step budget and
-evaluation are the same for every method of a seed. Layout:
-
-    OUT/<method>-seed<s>/     an ordinary run directory per (method, seed)
-    OUT/comparison.json       every run's figures and the mean/std tables
-    OUT/comparison.md         the Markdown table and plots (reporting/comparison.py)
-
-Interrupted comparisons continue: a run whose `summary.json` exists is kept
-(if it was made with the same resolved config), an unfinished run directory
-is deleted and run again from scratch.
+Each method becomes an arm of the same name at the config's learning rate, every
+run shares the config and overrides (only `run.method` and `run.seed` vary), and
+the output is a study directory (fedmole/study.py): runs/<method>-seed<s>/,
+study.json and study.md with 95% intervals and paired differences, and plots.
+An interrupted comparison continues when run again with the same --out. To test
+claims, tune learning rates or give arms their own overrides, write a study file
+and use `fedmole study`.
 """
 
 from __future__ import annotations
 
-import logging
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from fedmole.config import SECTIONS, Config, ConfigError, load_config
-
-log = logging.getLogger("fedmole")
-
-# run settings that do not change what a run computes
-_IGNORED_RUN_KEYS = ("method", "seed", "progress", "out_dir", "threads")
-
-
-@dataclass
-class RunSpec:
-    """One (method, seed) run of a comparison."""
-
-    method: str
-    seed: int
-    cfg: Config
-
-    @property
-    def dir_name(self) -> str:
-        return f"{self.method}-seed{self.seed}"
+from fedmole.config import ConfigError, load_config
+from fedmole.study import Arm, Runner, Study, run_study
 
 
 def parse_methods(text: str, known: Sequence[str]) -> list[str]:
@@ -69,107 +45,24 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def fingerprint(cfg: Config) -> dict:
-    """What decides a run's result: every section but the run keys in _IGNORED_RUN_KEYS, plus
-    the options of the run's own method (other methods' tables do not matter)."""
-    d = cfg.to_dict()
-    out = {name: d[name] for name in SECTIONS}
-    out["run"] = {k: v for k, v in out["run"].items() if k not in _IGNORED_RUN_KEYS}
-    out["method"] = {"name": cfg.run.method, "options": d.get(cfg.run.method, {})}
-    return out
+def comparison_study(config: str | Path, methods: Sequence[str], seeds: Sequence[int],
+                     overrides: Sequence[str] = ()) -> Study:
+    """The study of `methods` x `seeds` on one config (ROUGE-L first), without claims."""
+    from fedmole.algorithms import METHODS
 
-
-def plan(config: str | Path | None, methods: Sequence[str], seeds: Sequence[int],
-         overrides: Sequence[str] = ()) -> list[RunSpec]:
-    """Resolve and validate every run's config before any work starts."""
+    parse_methods(",".join(methods), list(METHODS))
     fixed = [o for o in overrides if o.split("=", 1)[0].strip() in ("method", "seed", "run.method", "run.seed")]
     if fixed:
         raise ConfigError(f"compare sets run.method and run.seed itself; drop {', '.join(fixed)}")
-    specs = []
-    for method in methods:
-        for seed in seeds:
-            cfg = load_config(config, [*overrides, f"run.method={method!r}", f"run.seed={seed}",
-                                       "run.progress=false"])
-            if cfg.run.engine != "local":
-                raise ConfigError(f"compare runs on the local engine; run.engine = {cfg.run.engine!r}")
-            check = getattr(cfg.method_options(), "check", None)
-            if check is not None:  # a method's cross-section rule (e.g. FedAMoLE's feasibility)
-                check(cfg)
-            specs.append(RunSpec(method, seed, cfg))
-    return specs
+    return Study(None, Path(config).resolve(), list(seeds), [Arm(m, m) for m in methods], list(overrides),
+                 metrics=["rouge_l", "exact_match", "accuracy"])
 
 
-def finished(run_dir: Path, spec: RunSpec) -> bool:
-    """Whether `run_dir` holds a finished run of exactly this spec; raise if it holds another one."""
-    if not (run_dir / "summary.json").exists():
-        return False
-    try:
-        done = load_config(run_dir / "config.toml")
-    except ConfigError as e:
-        raise ConfigError(f"{run_dir} holds a finished run whose config no longer loads ({e}); "
-                          "use another --out") from None
-    if fingerprint(done) != fingerprint(spec.cfg):
-        a, b = fingerprint(done), fingerprint(spec.cfg)
-        diff = sorted(f"{s}.{k}" for s in b for k in set(a.get(s, {})) | set(b[s])
-                      if a.get(s, {}).get(k) != b[s].get(k))
-        raise ConfigError(f"{run_dir} holds a finished run made with a different config "
-                          f"(differs in {', '.join(diff[:4])}); use another --out")
-    return True
-
-
-def run_comparison(
-    config: str | Path | None,
-    methods: Sequence[str],
-    seeds: Sequence[int] = (0,),
-    overrides: Sequence[str] = (),
-    out: str | Path | None = None,
-    *,
-    progress: bool = True,
-    keep_checkpoints: bool = False,
-    runner: Callable[[Config, Path], dict] | None = None,
-) -> dict:
-    """Run (or finish) every (method, seed) run and write the comparison; return comparison.json's content.
-
-    `runner(cfg, run_dir)` runs one job (default: the local engine). A run that raises is
-    recorded as failed and the comparison goes on; it is retried on the next invocation.
-    """
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from fedmole.algorithms import METHODS
-    from fedmole.reporting.comparison import write_comparison
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; known methods: {', '.join(METHODS)}")
-    specs = plan(config, methods, seeds, overrides)
-    root = Path(out) if out else Path(specs[0].cfg.run.out_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    root.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in specs if not finished(root / s.dir_name, s)]
-    log.info("comparison in %s: %d run(s), %d already finished", root, len(specs), len(specs) - len(todo))
-    if runner is None:
-        from fedmole.engine.local import run_local as runner
-
-    failures: dict[str, str] = {}
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), unit="run", desc="compare", disable=not progress)
-    with logging_redirect_tqdm():
-        for spec in todo:
-            run_dir = root / spec.dir_name
-            bar.set_description(f"{spec.method} seed {spec.seed}")
-            if run_dir.exists():
-                log.info("%s is unfinished; starting it again", run_dir.name)
-                shutil.rmtree(run_dir)
-            try:
-                summary = runner(spec.cfg, run_dir)
-            except Exception as e:  # one broken method must not cost the other runs
-                log.exception("run %s failed", spec.dir_name)
-                failures[spec.dir_name] = repr(e)
-            else:
-                bar.set_postfix(rouge_l=f"{summary['metrics']['rouge_l']:.2f}")
-                if not keep_checkpoints:
-                    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            bar.update(1)
-    bar.close()
-    return write_comparison(root, [(s.method, s.seed, root / s.dir_name) for s in specs], failures,
-                            {"config": str(config) if config else None, "overrides": list(overrides),
-                             "dir": str(root)})
+def run_comparison(config: str | Path, methods: Sequence[str], seeds: Sequence[int] = (0,),
+                   overrides: Sequence[str] = (), out: str | Path | None = None, *, keep_checkpoints: bool = False,
+                   runner: Runner | None = None, command: str = "") -> dict:
+    """Run (or finish) every (method, seed) run and write the study files; return study.json's content."""
+    study = comparison_study(config, methods, seeds, overrides)
+    root = Path(out) if out else Path(load_config(config, list(overrides)).run.out_dir) / \
+        f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_study(study, root, keep_checkpoints=keep_checkpoints, runner=runner, command=command)

@@ -9,6 +9,7 @@ a table named after the method (e.g. `[flame]`), registered by the method.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class DataSection:
     max_per_task: int = opt(0, "examples loaded per task (0 = all)", range=(0, None))
     max_train: int = opt(0, "training examples per client (0 = all)", range=(0, None))
     max_test: int = opt(32, "test examples per client (0 = all)", range=(0, None))
+    max_val: int = opt(0, "validation examples per client (0 = all)", range=(0, None))
     val_frac: float = opt(0.1, "validation fraction", range=(0.0, 0.5))
     test_frac: float = opt(0.1, "test fraction", range=(0.0, 0.5))
     aux_frac: float = opt(0.04, "aux fraction: held out from training for no-grad passes (FedAMoLE's embeddings)",
@@ -135,8 +137,28 @@ class FedSection:
     min_clients: int = opt(1, "fewest accepted replies for a round to count", range=(1, None))
     round_retries: int = opt(0, "times a round is redrawn when fewer than min_clients replies are accepted",
                              range=(0, None))
-    client_timeout: float = opt(0.0, "seconds after which a client's reply is dropped as too late (0 = none)",
+    client_timeout: float = opt(0.0, "seconds a client's local update may take by the wall clock; past it the "
+                                "client is dropped from the round and its work discarded (0 = no limit)",
                                 range=(0.0, None))
+    tier_assignment: str = opt("fixed", "which client gets which tier: fixed (in client order) | shuffled "
+                               "(permuted with run.seed, so a tier is not tied to a task)",
+                               choices=("fixed", "shuffled"))
+    round_timeout: float = opt(0.0, "Flower: seconds the server waits for one round's replies (0 = "
+                               "fed.client_timeout x clients in the round + 60, or no limit without a client_timeout)",
+                               range=(0.0, None))
+    max_example_ratio: float = opt(1.0, "a reply may claim at most this x the training examples the server knows "
+                                   "for its client (its split; on Flower what its node declared); 0 = no bound",
+                                   range=(0.0, None))
+    update_norm_factor: float = opt(10.0, "an update (distance from the state the client was sent) longer than "
+                                    "this x the median of the round's other updates is rejected or clipped "
+                                    "(0 = off, else >= 1)", range=(0.0, None))
+    update_norm_action: str = opt("reject", "what happens to an update beyond fed.update_norm_factor",
+                                  choices=("reject", "clip"))
+    robust: str = opt("none", "robust aggregation: none | clip (every update clipped to the round's median "
+                      "length) | trimmed_mean (the method's weighted averages become weighted trimmed means; "
+                      "flame, fedit, hetlora)", choices=("none", "clip", "trimmed_mean"))
+    trim_fraction: float = opt(0.1, "fed.robust = trimmed_mean: share of the weight cut from each end, per "
+                               "coordinate", range=(0.0, 0.45))
 
 
 @dataclass
@@ -150,6 +172,11 @@ class EvalSection:
                         "model after its latest local training, the '-FT' protocol) | auto (personalized for local "
                         "and fedamole, which have no global model to evaluate; global otherwise)",
                         choices=("auto", "global", "personalized"))
+    tiers: str = opt("own", "evaluation: each client at its own tier (own), or every client's test set at "
+                     "every tier's k in use (all: per-tier figures compare like with like)", choices=("own", "all"))
+    before: bool = opt(True, "evaluate the model before training (round 0)")
+    split: str = opt("test", "the split that is scored: test, or val (learning-rate pilots)",
+                     choices=("test", "val"))
 
 
 @dataclass
@@ -180,6 +207,12 @@ def _method_registry() -> dict[str, type]:
     from fedmole.algorithms import METHOD_OPTIONS
 
     return METHOD_OPTIONS
+
+
+def _method_classes() -> dict[str, type]:
+    from fedmole.algorithms import METHODS
+
+    return METHODS
 
 
 def _check_value(where: str, f: dataclasses.Field, value: Any, hint: Any) -> Any:
@@ -214,6 +247,8 @@ def _check_scalar(where: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # TOML has nan and inf; range checks would let nan through
+            raise ConfigError(f"{where} = {value!r}; allowed: a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -345,6 +380,13 @@ def validate(cfg: Config) -> None:
             )
         if any(p < 0 for p in props) or sum(props) <= 0:
             raise ConfigError(f"fed.tier_proportions = {props}; entries must be >= 0 with a positive sum")
+    if 0 < cfg.fed.update_norm_factor < 1:
+        raise ConfigError(f"fed.update_norm_factor = {cfg.fed.update_norm_factor}; allowed: 0 (off) or >= 1")
+    if cfg.fed.robust == "trimmed_mean":
+        if not _method_classes()[cfg.run.method].robust_averaging:
+            raise ConfigError(f"fed.robust = 'trimmed_mean' does not apply to {cfg.run.method}, whose aggregation "
+                              "is not a weighted average of the clients' tensors; allowed for: "
+                              + ", ".join(n for n, c in _method_classes().items() if c.robust_averaging))
     if cfg.fed.min_clients > cfg.data.num_clients:
         raise ConfigError(
             f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"
@@ -356,6 +398,9 @@ def validate(cfg: Config) -> None:
             f"data.tasks lists {len(cfg.data.tasks)} tasks but data.num_clients = {cfg.data.num_clients}; "
             "the task partition needs one task per client"
         )
+    if cfg.eval.tiers == "all" and cfg.run.engine != "local":
+        raise ConfigError(f"eval.tiers = 'all' needs run.engine = 'local' (Flower nodes evaluate their own tier); "
+                          f"run.engine = {cfg.run.engine!r}")
     if cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens > 4096:
         raise ConfigError("eval.max_prompt_tokens + eval.max_new_tokens must stay within 4096")
     from fedmole.algorithms import METHODS
@@ -400,8 +445,22 @@ def eval_protocol(cfg: Config) -> str:
     return METHODS[cfg.run.method].protocols[0] if cfg.eval.protocol == "auto" else cfg.eval.protocol
 
 
+TIER_SHUFFLE_SALT = 7_919  # separates the tier permutation's stream from the other uses of run.seed
+
+
 def assign_tiers(cfg: Config) -> list[int]:
-    """Tier of each client: the list as given, or proportions by largest remainder (in client order)."""
+    """Tier of each client: the list as given, or proportions by largest remainder (in client order);
+    with fed.tier_assignment = shuffled, that list permuted with run.seed."""
+    tiers = _tier_list(cfg)
+    if cfg.fed.tier_assignment == "shuffled":
+        import numpy as np
+
+        order = np.random.default_rng([cfg.run.seed, TIER_SHUFFLE_SALT]).permutation(len(tiers))
+        tiers = [tiers[i] for i in order]
+    return tiers
+
+
+def _tier_list(cfg: Config) -> list[int]:
     tiers, props, n = cfg.fed.tiers, cfg.fed.tier_proportions, cfg.data.num_clients
     if not props and len(tiers) == n:
         return list(tiers)

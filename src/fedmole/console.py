@@ -85,9 +85,12 @@ def startup_lines(*, method: str, engine: str, model: str, base_params: int, tra
         f"{format_count(trainable_params)} trainable adapter parameters "
         f"({100 * trainable_params / max(base_params, 1):.2f}%)",
         f"device {device}, precision {precision}",
-        f"data {data['source']}: {data['rows_loaded']} rows loaded, {data['rows_used']} used "
-        f"by {len(data['clients'])} clients ({data['partition']} partition)",
     ]
+    if not data["clients"]:  # a Flower server: the data lives on the nodes, which report it as they join
+        lines.append("data: held by the nodes (this process loads none)")
+        return lines
+    lines.append(f"data {data['source']}: {data['rows_loaded']} rows loaded, {data['rows_used']} used "
+                 f"by {len(data['clients'])} clients ({data['partition']} partition)")
     if tiered:
         tiers = sorted({c["tier"] for c in data["clients"]}, reverse=True)
         lines.append("tiers (experts per token): " + ", ".join(

@@ -30,8 +30,8 @@ from fedmole.algorithms.base import ClientRuntime, Method
 from fedmole.config import Config, assign_tiers, eval_protocol, load_config
 from fedmole.data.tokenize import encode_prompt
 from fedmole.data.types import Example
-from fedmole.evaluation.generate import evaluate_generation, greedy_generate, lm_loss_choice, stop_token_ids
-from fedmole.evaluation.metrics import normalize_answer
+from fedmole.evaluation.generate import greedy_generate, stop_token_ids
+from fedmole.evaluation.predict import mean_scores, predict
 from fedmole.messages import State
 from fedmole.models import load_base
 
@@ -84,29 +84,19 @@ class LoadedRun:
 
     def evaluate(self, examples: list[Example], *, max_new_tokens: int | None = None,
                  batch_size: int | None = None, progress: bool = False) -> dict:
-        """Greedy generation scored with ROUGE-L and exact match; `accuracy` too when examples carry
-        `options` (the option with the lowest LM loss counts as the answer)."""
+        """The run's own scoring: examples with `options` are answered by the option with the lowest LM
+        loss (and also scored by accuracy), the others by greedy generation; ROUGE-L and exact match for
+        all. Returns the mean scores, "n", "n_options" and the predictions in order."""
         with self.adapter.route(self.k):
-            result = evaluate_generation(
+            records = predict(
                 self.model, self.tokenizer, examples, self.encode,
                 max_new_tokens=max_new_tokens or self.cfg.eval.max_new_tokens,
                 batch_size=batch_size or self.cfg.eval.batch_size, autocast_dtype=self.autocast, progress=progress,
             )
-            with_options = [ex for ex in examples if getattr(ex, "options", None)]
-            if with_options:
-                result["accuracy"] = self._accuracy(with_options)
-                result["n_options"] = len(with_options)
+        result = mean_scores(records)
+        result["n_options"] = sum(1 for ex in examples if ex.options)
+        result["predictions"] = [r["prediction"] for r in records]
         return result
-
-    def _accuracy(self, examples: list) -> float:
-        hits = 0
-        for ex in examples:
-            options = list(ex.options)
-            choice = lm_loss_choice(self.model, self.tokenizer, self.encode(ex),
-                                    [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options])
-            refs = {normalize_answer(r) for r in ex.outputs}
-            hits += normalize_answer(options[choice]) in refs
-        return 100.0 * hits / len(examples)
 
 
 def _pad_id(tokenizer) -> int:
@@ -171,8 +161,9 @@ def load_run(run_dir: str | Path, *, client: str | int | None = None, tier: int 
     method = method_cls(options, adapter, tiers, cfg.run.seed)
     method.set_protocol(eval_protocol(cfg))
     saved = load_file(str(run_dir / "adapter.safetensors"))
-    global_state = method.load_final_state(saved)
+    global_state = method.load_final_state(saved)  # also restores what final_state added (FlexLoRA's factors...)
     extras = {k: v for k, v in saved.items() if k not in global_state}
+    # eval_view takes the final state, as the engines give it (FLoRA's merged deltas travel with it)
 
     if personalized:
         if tier is not None and tier != chosen.tier:
@@ -185,7 +176,7 @@ def load_run(run_dir: str | Path, *, client: str | int | None = None, tier: int 
         k = tier if tier is not None else (chosen.tier if chosen else max(tiers))
         holder = chosen if chosen is not None and chosen.tier == k else next((c for c in clients if c.tier == k), None)
         if holder is not None:
-            method.eval_view(_runtime(holder, adapter, {}), global_state)
+            method.eval_view(_runtime(holder, adapter, {}), saved)
         elif isinstance(adapter, LoRAAdapter):
             raise RunError(f"no client of tier {k} in this run, so there is no rank view for it; "
                            f"tiers: {sorted(set(tiers), reverse=True)}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,10 @@ class LocalTrainer:
     and module, which at the LoRA rate moves by well under 1% in a short local budget,
     and decay would pull it towards 0 instead of its k_ref/k start. `grad_clip` = 0
     leaves the gradients unclipped.
+
+    Every optimizer step's wall time (batch to device, forward, backward, clip, step) is
+    appended to `step_seconds`, which the engine empties before each client step and reads
+    after it. `dataclasses.replace` copies share the list, so their steps are counted too.
     """
 
     steps: int
@@ -68,6 +73,7 @@ class LocalTrainer:
     optimizer: str = "adamw"
     eps: float = 1e-8
     lr_decay: float = 1.0
+    step_seconds: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def round_lr(self, rnd: int) -> tuple[float, float]:
         """(adapter rate, rescaler rate) of round `rnd` (1-based)."""
@@ -100,6 +106,7 @@ class LocalTrainer:
         total = 0.0
         try:
             for _ in range(self.steps):
+                started = time.perf_counter()
                 batch = {name: t.to(self.device) for name, t in batches.next().items()}
                 with adapter.route(k, token_mask=batch["attention_mask"], collect=True):
                     with autocast_context(self.device, self.autocast_dtype):
@@ -111,6 +118,9 @@ class LocalTrainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 total += float(lm_loss.detach())
+                if self.device.type == "cuda":  # the step's kernels run asynchronously; time them whole
+                    torch.cuda.synchronize(self.device)
+                self.step_seconds.append(time.perf_counter() - started)
         finally:
             model.eval()
         store["optimizer"] = optimizer.state_dict()

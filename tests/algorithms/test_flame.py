@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedmole.algorithms.aggregate import weighted_average
-from fedmole.algorithms.flame import activation_weights, aggregate_flame
+from fedmole.algorithms.flame import activation_weights, aggregate_flame, tier_weight_shares
 from fedmole.algorithms.validate import check_reply
 from fedmole.messages import Reply
 
@@ -36,6 +36,16 @@ def test_activation_weights_by_hand():
     g = activation_weights([torch.tensor([6.0, 4, 0]), torch.tensor([5.0, 0, 5])], [10, 5], [100, 300], t=2)
     expected = torch.tensor([[0.36 * 100, 0.16 * 100, 0.0], [1.0 * 300, 0.0, 1.0 * 300]], dtype=torch.float64)
     torch.testing.assert_close(g, expected)
+
+
+def test_tier_weight_shares_by_hand():
+    # gammas as above: expert 0: 36 vs 300, expert 1: 16 vs 0, expert 2: 0 vs 300 (tier 1 vs tier 2)
+    replies = [reply(0, 100, 1, 1, 1, [6, 4, 0], 10), reply(1, 300, 2, 1, 1, [5, 0, 5], 5)]
+    shares = tier_weight_shares(replies, t=2)
+    assert shares["1"] == pytest.approx((36 / 336 + 1.0 + 0.0) / 3)
+    assert shares["2"] == pytest.approx((300 / 336 + 0.0 + 1.0) / 3)
+    assert list(shares) == ["2", "1"]
+    assert tier_weight_shares(replies, t=0) == pytest.approx({"2": 0.75, "1": 0.25})  # t = 0: FedAvg by size
 
 
 def test_hand_computed_expert_average_and_unused_expert_keeps_previous():

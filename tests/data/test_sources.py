@@ -44,17 +44,28 @@ def test_load_jsonl(tmp_path):
     ]
     path = write(tmp_path, "d.jsonl", json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
     assert load_examples(str(path)) == [
-        Example("Say hi.", "", ("hi",), "chat", "greet"),
-        Example("Add.", "1 + 1", ("2", "two"), "", "default"),  # neither task nor category: the one default task
+        Example("Say hi.", "", ("hi",), "chat", "greet", id="greet/0"),
+        Example("Add.", "1 + 1", ("2", "two"), "", "default", id="d/1"),  # neither task nor category: the one default task
     ]
 
 
 def test_load_json_and_csv(tmp_path):
     rows = [{"instruction": "Add.", "input": "1 + 1", "output": "2", "category": "math", "task": "add"}]
-    expected = [Example("Add.", "1 + 1", ("2",), "math", "add")]
+    expected = [Example("Add.", "1 + 1", ("2",), "math", "add", id="add/0")]
     assert load_examples(str(write(tmp_path, "d.json", json.dumps(rows)))) == expected
     csv_text = 'instruction,input,output,category,task\nAdd.,1 + 1,2,math,add\n"Say ""hi"",\nplease",,hi,,\n'
-    assert load_examples(str(write(tmp_path, "d.csv", csv_text))) == expected + [Example('Say "hi",\nplease', "", ("hi",), "", "default")]
+    assert load_examples(str(write(tmp_path, "d.csv", csv_text))) == expected + [
+        Example('Say "hi",\nplease', "", ("hi",), "", "default", id="d/1")]
+
+
+def test_options_in_every_file_format(tmp_path):
+    row = {"instruction": "Is it red?", "input": "a cherry", "output": "yes", "options": [" yes", "no "]}
+    expected = [Example("Is it red?", "a cherry", ("yes",), "", "default", id="d/0", options=("yes", "no"))]
+    assert load_examples(str(write(tmp_path, "d.jsonl", json.dumps(row) + "\n"))) == expected
+    assert load_examples(str(write(tmp_path, "d.json", json.dumps([row])))) == expected
+    csv_text = 'instruction,input,output,options\nIs it red?,a cherry,yes,"[""yes"", ""no""]"\nSay.,,hi,\n'
+    got = load_examples(str(write(tmp_path, "d.csv", csv_text)))
+    assert got[0] == expected[0] and got[1].options == ()
 
 
 @pytest.mark.parametrize(
@@ -79,6 +90,14 @@ def test_load_json_and_csv(tmp_path):
         ("a.csv", "instruction,output\nx,y,z\n", "a.csv:2: row has more fields than the header"),
         ("a.csv", "instr,output\nx,y\n", "a.csv:2: missing required field 'instruction'"),
         ("a.csv", "instruction,output\n", "a.csv: file holds no examples"),
+        ("a.jsonl", '{"instruction": "x", "output": "y", "options": "y"}\n', "a.jsonl:1: field 'options' must be a list"),
+        ("a.jsonl", '{"instruction": "x", "output": "y", "options": ["y"]}\n', "a.jsonl:1: field 'options' needs at least 2 choices, got 1"),
+        ("a.jsonl", '{"instruction": "x", "output": "y", "options": ["y", 2]}\n', "a.jsonl:1: field 'options'[1] must be a string"),
+        ("a.jsonl", '{"instruction": "x", "output": "y", "options": ["y", " "]}\n', "a.jsonl:1: field 'options'[1] is empty"),
+        ("a.jsonl", '{"instruction": "x", "output": "y", "options": ["y", "y "]}\n', "a.jsonl:1: field 'options' lists a choice twice"),
+        ("a.jsonl", '{"instruction": "x", "output": ["y", "z"], "options": ["y", "n"]}\n',
+         "a.jsonl:1: answer 'z' is not among the options ['y', 'n']"),
+        ("a.csv", 'instruction,output,options\nx,y,"y, n"\n', "a.csv:2: field 'options' must be a JSON list"),
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path, name, content, message):
@@ -116,7 +135,7 @@ def test_hub_without_datasets_says_how_to_install(monkeypatch):
 def test_hub_layouts():
     dolly = [{"instruction": "Name a color.", "context": "", "response": "Red", "category": "brainstorming"}]
     assert hub_rows_to_examples(dolly, dolly[0].keys(), "dolly") == [
-        Example("Name a color.", "", ("Red",), "brainstorming", "brainstorming")
+        Example("Name a color.", "", ("Red",), "brainstorming", "brainstorming", id="brainstorming/0")
     ]
     sni = [
         {
@@ -129,7 +148,8 @@ def test_hub_layouts():
     ]
     assert hub_layout(sni[0].keys()) == "super-natural-instructions"
     assert hub_rows_to_examples(sni, sni[0].keys(), "sni") == [
-        Example("Write a question.\nAbout the passage.", "Passage: A.", ("Who?",), "quoref", "task001_quoref_question_generation")
+        Example("Write a question.\nAbout the passage.", "Passage: A.", ("Who?",), "quoref",
+                "task001_quoref_question_generation", id="task001_quoref_question_generation/0")
     ]
     generic = {"instruction": "Add.", "input": "1+1", "output": "2", "other": 0}
     assert map_hub_row(generic, hub_layout(generic)) == {
@@ -138,6 +158,7 @@ def test_hub_layouts():
         "output": "2",
         "category": None,
         "task": None,
+        "options": None,
     }
     with pytest.raises(DataError, match=r"columns \['answer', 'question'\] match no known layout"):
         hub_layout(["question", "answer"])
@@ -199,8 +220,10 @@ def test_instruction_mode_on_a_file(tmp_path):
 def test_natural_instructions_from_cache(monkeypatch, tmp_path):
     index = {}
     for t in ("subtask001_quoref_question_generation", "subtask002_quoref_answer_generation"):
-        rows = [
-            {"instruction": NI_PREFIX, "input": f"{t} {k}", "output": ["a"], "category": "quoref", "task": t, "task_type": "x"}
+        rows = [  # subtask001: 30 distinct answers (free text); subtask002: yes/no (a closed set)
+            {"instruction": NI_PREFIX, "input": f"{t} {k}", "output": [f"a{k}" if t.startswith("subtask001") else
+                                                                       ("Yes." if k % 3 else "No.")],
+             "category": "quoref", "task": t, "task_type": "x"}
             for k in range(30)
         ]
         (tmp_path / f"{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -211,6 +234,12 @@ def test_natural_instructions_from_cache(monkeypatch, tmp_path):
     assert len(load_examples("natural-instructions")) == 60
     some = load_examples("natural-instructions", tasks=["subtask002_quoref_answer_generation"], max_per_task=4, seed=1)
     assert len(some) == 4 and {ex.task for ex in some} == {"subtask002_quoref_answer_generation"}
+    assert all(ex.options == ("No.", "Yes.") for ex in some)  # decided on the whole task, not the sample
+    everything = load_examples("natural-instructions")
+    assert [ex.options for ex in everything[:30]] == [()] * 30
+    assert everything[31].id == "subtask002_quoref_answer_generation/1"
+    assert len({ex.id for ex in everything}) == 60
+    assert {ex.id for ex in some} <= {ex.id for ex in everything}  # sampling keeps the source row ids
     assert some == load_examples("natural-instructions", tasks=["subtask002_quoref_answer_generation"], max_per_task=4, seed=1)
     short = load_examples("natural-instructions", max_per_task=2, instruction_mode="definition")
     assert len(short) == 4 and short[0].instruction.startswith("In this task") and short[0].category == "quoref"

@@ -36,11 +36,11 @@ def test_aux_sizes_are_config_options():
     from fedmole.config import ConfigError, assign_tiers, load_config
     from fedmole.engine.setup import load_clients
 
-    for extra, expected in ((["data.aux_frac=0.25", "data.aux_max=3"], 3), (["data.aux_frac=0.25", "data.aux_max=0"], 12),
+    for extra, expected in ((["data.aux_frac=0.25", "data.aux_max=3"], 3), (["data.aux_frac=0.25", "data.aux_max=0"], 50),
                             (["data.aux_frac=0.0"], 0)):
         cfg = load_config("configs/tiny.toml", extra)
         clients, summary = load_clients(cfg, assign_tiers(cfg))
-        assert [len(c.aux) for c in clients] == [expected] * 6  # 48 rows per client
+        assert [len(c.aux) for c in clients] == [expected] * 6  # 200 rows per client
         assert [c["aux"] for c in summary["clients"]] == [expected] * 6
     with pytest.raises(ConfigError, match="data.val_frac \\+ data.test_frac \\+ data.aux_frac must stay below 0.9"):
         load_config("configs/tiny.toml", ["data.aux_frac=0.45", "data.val_frac=0.3", "data.test_frac=0.3"])

@@ -108,8 +108,9 @@ def test_category_only_file_reaches_every_client_and_the_summary_says_how(tmp_pa
             for c in cats for i in range(30)]
     data = tmp_path / "mine.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    # the tiny config's data.max_per_task = 48 keeps all 30 rows of every task; the default partition is `task`
-    summary = run_local(tiny_cfg("rounds=1", f"data.source='{data}'", "data.max_test=0"), tmp_path / "run")
+    # the default partition is `task`; no cap on rows per task, and the tiny config's own task list cleared
+    summary = run_local(tiny_cfg("rounds=1", f"data.source='{data}'", "data.max_test=0", "data.max_per_task=0",
+                                 "data.max_val=0", "data.tasks=[]"), tmp_path / "run")
     d = summary["data"]
     assert (d["rows_loaded"], d["rows_assigned"], d["rows_used"]) == (180, 180, 180)  # every row reaches a client
     assert sorted(c["tasks"][0] for c in d["clients"]) == sorted(cats)
@@ -133,3 +134,19 @@ def test_data_errors_surface_before_the_model_loads(tmp_path, monkeypatch):
     bad.write_text('{"instruction": "x"}\n')
     with pytest.raises(DataError, match="bad.jsonl:1: missing required field 'output'"):
         LocalEngine(tiny_cfg(f"data.source='{bad}'"), tmp_path / "run")
+
+
+def test_flame_on_a_tiny_moe_base_runs_end_to_end(tmp_path):
+    cfg = load_config("configs/tiny-moe.toml", ["rounds=2", "run.progress=false", "train.local_steps=2",
+                                                "data.max_test=2", "eval.max_new_tokens=2"])
+    summary = run_local(cfg, tmp_path)
+    assert set(summary["per_tier"]) == {"4", "2", "1"}
+    flops = {t: v["flops_per_token"] for t, v in summary["compute"]["per_tier"].items()}
+    assert flops["4"] > flops["2"] > flops["1"] > 0  # a lower tier runs fewer whole experts
+    assert all(v["step_seconds"] > 0 for v in summary["compute"]["per_tier"].values())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    shares = rows[-1]["expert_weight_share"]
+    assert set(shares) == {"4", "2", "1"} and shares["4"] > shares["1"] > 0  # t = 2 favours the busy tiers
+    state = load_file(str(tmp_path / "adapter.safetensors"))
+    assert any(k.endswith("lora_gate_up_A") for k in state) and any(k.endswith(".rescale") for k in state)
+    assert "Expert aggregation weight by tier" in (tmp_path / "report.md").read_text()

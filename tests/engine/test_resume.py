@@ -2,11 +2,9 @@
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fedmole.config import load_config
@@ -15,25 +13,31 @@ from fedmole.engine.local import LocalEngine, run_local
 ARGS = ["rounds=3", "run.progress=false", "train.local_steps=2", "data.max_test=4", "eval.max_new_tokens=4"]
 
 
-def fedmole(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "fedmole", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+# The child dies by SIGKILL at the worst moment: round 1's checkpoint is on disk, its metric row is not.
+KILL_AFTER_CHECKPOINT_1 = """
+import os, signal, sys
+from fedmole.reporting.rundir import RunDir
+log_round = RunDir.log_round
+def dying(self, row):
+    if row["round"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    log_round(self, row)
+RunDir.log_round = dying
+from fedmole.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-def test_killed_run_resumes_to_the_same_final_state(tmp_path):
+def test_run_killed_between_checkpoint_and_row_resumes_with_every_row_once(tmp_path):
     reference = run_local(load_config("configs/tiny.toml", ARGS), tmp_path / "ref")
 
     run_dir = tmp_path / "killed"
     sets = [x for a in ARGS for x in ("--set", a)]
-    proc = fedmole("run", "configs/tiny.toml", *sets, "--out", str(run_dir))
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoints" / "round_0001").exists():  # wait for round 1 to be saved
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "summary.json").exists()
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT_1, "run", "configs/tiny.toml", *sets,
+                             "--out", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run_dir / "checkpoints" / "round_0001").is_dir() and not (run_dir / "summary.json").exists()
+    assert [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0]
 
     out = subprocess.run([sys.executable, "-m", "fedmole", "resume", str(run_dir)], capture_output=True,
                          text=True, timeout=300)
@@ -41,8 +45,12 @@ def test_killed_run_resumes_to_the_same_final_state(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_state_sha256"] == reference["final_state_sha256"]
     assert summary["metrics"] == reference["metrics"]
-    rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [0, 1, 2, 3]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    drop = ("seconds", "compute")  # wall-clock figures
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in ref_rows]
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
@@ -62,11 +70,32 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     assert summary["final_state_sha256"] == reference["final_state_sha256"]
 
 
-def test_resume_without_checkpoints_starts_over(tmp_path, caplog):
+def test_resume_without_checkpoints_starts_over_and_replaces_old_rows(tmp_path, caplog):
     cfg = load_config("configs/tiny.toml", ARGS[1:] + ["rounds=1"])
     run_dir = tmp_path / "run"
     engine = LocalEngine(cfg, run_dir)
     engine.out.write_config(cfg.to_dict())
+    engine.out.metrics_path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n{"rou')  # an earlier attempt
     summary = engine.run(resume=True)
     assert "no usable checkpoint" in caplog.text
     assert summary["rounds"] == 1 and Path(run_dir / "summary.json").exists()
+    rows = [json.loads(line) for line in engine.out.metrics_path.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1] and "train_loss" in rows[1]
+
+
+def test_a_flower_run_directory_says_why_it_cannot_be_resumed(tmp_path, capsys):
+    from fedmole.cli import main
+
+    cfg = load_config("configs/tiny.toml", ARGS[1:] + ["rounds=1"])
+    run_dir = tmp_path / "run"
+    run_local(cfg, run_dir)
+    (run_dir / "summary.json").unlink()
+    meta_path = run_dir / "checkpoints" / "round_0001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["engine"] = "flower"  # what a deployment run's checkpoints record
+    meta_path.write_text(json.dumps(meta))
+    config = run_dir / "config.toml"  # and, like a deployment server's, a config naming no data it holds
+    config.write_text(config.read_text().replace('source = "synthetic"', f'source = "{tmp_path}/nowhere.jsonl"'))
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "run on the flower engine" in err and "start a new run" in err

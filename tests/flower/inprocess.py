@@ -1,5 +1,7 @@
 """An in-process Grid for the Flower tests: messages go through Flower's real wire encoding."""
 
+from uuid import uuid4
+
 from flwr.app import Context, Message, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -63,9 +65,11 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())  # what the real grids do on push
             self.sent.append(msg)
             delivered = Message(wire(msg.content), dst_node_id=msg.metadata.dst_node_id,
                                 message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
+            delivered.metadata.__dict__["_message_id"] = msg.metadata.message_id
             reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
             if not reply.has_error():
                 reply = Message(wire(reply.content), reply_to=delivered)

@@ -1,8 +1,9 @@
-"""A real deployment on loopback: SuperLink + 2 SuperNodes with TLS and node authentication.
+"""A real deployment on loopback: SuperLink + 2 SuperNodes with TLS and node authentication,
+each SuperNode a site that reads only its own data file, and a server given no data.
 
-Runs scripts/flower/deploy_local.sh (certificates, node keys, registration, a refused
-unregistered node, `flwr run`, shutdown) in its own process group, which is killed
-whatever happens; then checks the run against the local engine.
+Runs scripts/flower/deploy_local.sh with SITES=1 (certificates, node keys, registration, a
+refused unregistered node, one data file per site, `flwr run`, shutdown) in its own process
+group, which is killed whatever happens; then checks the run against the local engine.
 """
 
 import json
@@ -23,15 +24,15 @@ OVERRIDES = ["rounds=1", "run.threads=1", "train.local_steps=2", "data.max_test=
              "run.progress=false"]
 
 
-def test_superlink_and_two_authenticated_supernodes_complete_a_run(tmp_path):
+def test_two_authenticated_sites_with_their_own_data_complete_a_run(tmp_path):
     missing = [tool for tool in ("openssl", "ssh-keygen") if shutil.which(tool) is None]
     assert not missing, f"the deployment scripts need {missing} (Debian: openssl, openssh-client)"
-    env = dict(os.environ, TIERS="4 2", OVERRIDES=" ".join(OVERRIDES), TIMEOUT="150",
+    env = dict(os.environ, TIERS="4 2", OVERRIDES=" ".join(OVERRIDES), TIMEOUT="300", SITES="1",
                VENV=str(Path(sys.executable).parent.parent))
     proc = subprocess.Popen(["bash", str(SCRIPT), "2", str(tmp_path / "deploy")], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        out, _ = proc.communicate(timeout=170)
+        out, _ = proc.communicate(timeout=330)
     finally:  # the script stops what it started; this is the backstop
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -40,6 +41,11 @@ def test_superlink_and_two_authenticated_supernodes_complete_a_run(tmp_path):
         proc.wait()
     assert proc.returncode == 0, out
     assert "not registered is refused" in out
+    sites = tmp_path / "deploy" / "sites"
+    for i in (0, 1):  # each node opened its own site file, and no other
+        line = next(x for x in out.splitlines() if x.strip().startswith(f"node {i} read:"))
+        assert line.split("read:")[1].split() == ["site", "data", "of", "client", str(i), "from",
+                                                  str(sites / f"site_{i}" / "data.jsonl")], line
 
     summary = json.loads((tmp_path / "deploy" / "run" / "summary.json").read_text())
     assert summary["engine"] == "flower" and list(summary["per_tier"]) == ["4", "2"]

@@ -92,3 +92,45 @@ def test_every_method_matches_the_local_engine_over_flower_messages(method, grid
     local_bytes, flower_bytes = ([(r["comm_bytes_down"], r["comm_bytes_up"]) for r in _rows(tmp_path / e)[1:]]
                                  for e in ("local", "flower"))
     assert flower_bytes == local_bytes  # each node was sent what the local engine hands its client
+
+
+def test_a_node_that_went_away_keeps_its_reason_and_a_partial_evaluation_is_marked(grid_factory, cfg_factory,
+                                                                                    tmp_path, monkeypatch):
+    """The SuperLink answers for a vanished node with an error message that carries its own id, not the
+    node's; the reply still belongs to the message it answers. Evaluation results are the server's to
+    name: a node reporting NaN or another client's identity is rejected, and the summary says who is missing."""
+    from flwr.app import Error, Message
+
+    import fedmole.flower.client_app as client_app
+
+    grid = grid_factory([{}, {}, {}])
+    lost = sorted(grid.contexts)[1]  # client 1's node
+    send = grid.send_and_receive
+
+    def vanishing(messages, *, timeout=None):
+        messages = list(messages)
+        out = []
+        for reply in send(messages, timeout=timeout):
+            if reply.metadata.src_node_id == lost and reply.metadata.message_type == "train":
+                sent = next(m for m in messages if m.metadata.message_id == reply.metadata.reply_to_message_id)
+                reply = Message(Error(code=3, reason="node 1 was lost mid-round"), reply_to=sent)
+                reply.metadata.__dict__["_src_node_id"] = 0  # made by the SuperLink, not by the node
+            out.append(reply)
+        return out
+
+    grid.send_and_receive = vanishing
+    real = client_app.evaluate_client
+
+    def lying(setup, rt, state):
+        result = real(setup, rt, state)
+        if rt.client_id == 2:
+            return {**result, "rouge_l": float("nan"), "client_id": 0, "tier": 99}
+        return {**result, "client_id": 7, "tier": 99} if rt.client_id == 0 else result
+
+    monkeypatch.setattr(client_app, "evaluate_client", lying)
+    summary = serve(grid, cfg_factory("rounds=1"), tmp_path)
+    row = _rows(tmp_path)[1]
+    assert row["clients"] == [0, 2] and row["rejected"] == {"1": "node 1 was lost mid-round"}
+    assert set(summary["evaluation_missing"]) == {"2"} and "rouge_l = nan" in summary["evaluation_missing"]["2"]
+    assert [(m["client_id"], m["tier"]) for m in summary["per_client"].values()] == [(0, 4), (1, 2)]
+    json.loads((tmp_path / "summary.json").read_text())  # strict JSON

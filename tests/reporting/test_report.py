@@ -23,13 +23,19 @@ def _write_run(run_dir, *, summary=True, usage=True):
         "metrics": {"rouge_l": 34.56, "exact_match": 7.25},
         "baseline_metrics": {"rouge_l": 12.5, "exact_match": 1.0},
         "per_client": {
-            "client_0": {"rouge_l": 40.0, "exact_match": 10.0, "tier": 8, "n": 20},
-            "client_1": {"rouge_l": 29.12, "exact_match": 4.5, "tier": 2, "n": 20},
+            "client_0": {"rouge_l": 40.0, "exact_match": 10.0, "tier": 8, "n": 20,
+                         "by_tier": {"8": {"rouge_l": 40.0}, "2": {"rouge_l": 31.0}}},
+            "client_1": {"rouge_l": 29.12, "exact_match": 4.5, "tier": 2, "n": 20,
+                         "by_tier": {"8": {"rouge_l": 35.5}, "2": {"rouge_l": 29.12}}},
         },
         "per_tier": {"8": {"rouge_l": 40.0, "exact_match": 10.0, "clients": ["client_0"]},
                      "2": {"rouge_l": 29.12, "exact_match": 4.5, "clients": 1}},
         "comm_bytes": {"up": 4096, "down": 3 * 1024 * 1024},
         "wall_seconds": 3725.0,
+        "compute": {"per_tier": {"8": {"step_seconds": 0.25, "samples": [0.2, 0.25, 0.3], "steps": 30,
+                                       "flops_per_token": 4.0e8},
+                                 "2": {"step_seconds": 0.125, "samples": [0.125], "steps": 10,
+                                       "flops_per_token": 1.0e8}}},
         "final_state_sha256": "abc123",
     }
     if usage:
@@ -55,6 +61,9 @@ def test_full_report(tmp_path):
     assert "| 2 | 1 | 29.12 | 4.50 |" in text  # tier 2 row, clients given as a count
     assert "| 8 | 1 | 40.00 | 10.00 |" in text  # tier 8 row, clients given as a list
     assert "| client_1 | 2 | 29.12 | 4.50 | 20 |" in text
+    assert "| client_0 (k=8) | 40.00 * | 31.00 |" in text and "| client_1 (k=2) | 35.50 | 29.12 * |" in text
+    assert "| 8 | 250.0 ms | 1.00 | 400 | 1.00 | 3 | 30 |" in text
+    assert "| 2 | 125.0 ms | 0.50 | 100 | 0.25 | 1 | 10 |" in text
     assert "2.457" in text and "1.988" in text and "lr" in text  # per-round table keeps extra fields
     assert "4.00 KiB" in text and "3.00 MiB" in text
     assert "1:02:05" in text  # wall time

@@ -63,6 +63,14 @@ class Method:
     protocols: ClassVar[tuple[str, ...]] = ("global", "personalized")
     # whether clients differ by tier (k experts per token, or rank); False: no per-tier results
     tiered: ClassVar[bool] = True
+    # Whether the global model a client is evaluated with can run at another tier's k (eval.tiers = all);
+    # False for models of one size and for models that ignore the tier. A personalised evaluation
+    # scores each client's own model at its own tier only.
+    cross_tier_eval: ClassVar[bool] = True
+    # its aggregation is built from the averaging helpers of algorithms/aggregate.py, so
+    # `fed.robust = "trimmed_mean"` applies (they get `trim`, set by the engine's setup)
+    robust_averaging: ClassVar[bool] = False
+    trim: float = 0.0
 
     @classmethod
     def build_adapter(
@@ -99,7 +107,7 @@ class Method:
         return [Instruction(rnd, c, global_state, self.tiers[c]) for c in client_ids]
 
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
-        """Why this reply must be rejected, or None."""
+        """Why this well-typed reply (`validate.check_types`) must be rejected, or None."""
         from fedmole.algorithms.validate import check_reply
 
         if reply.tier != instruction.tier:
@@ -108,6 +116,14 @@ class Method:
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         raise NotImplementedError
+
+    def round_metrics(self) -> dict:
+        """Method-specific figures of the last aggregation for the round's metrics row (JSON values)."""
+        return {}
+
+    def known_examples(self, train_sizes: dict[int, int]) -> dict[int, int]:
+        """The example count each client's reply may claim, from the clients' training-set sizes."""
+        return dict(train_sizes)
 
     def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
         """Called once with every client's runtime (only the centralised reference uses it)."""
@@ -165,24 +181,45 @@ class Method:
         if self.protocol == "personalized":
             rt.store["personal"] = state
 
-    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
-        """The tensors client `rt` is evaluated with under the global protocol."""
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        """The tensors client `rt` is evaluated with at `tier` under the global protocol."""
         return global_state
 
-    def evaluated_state(self, rt: ClientRuntime, global_state: State) -> State:
-        """The tensors client `rt` is evaluated with under this method's protocol (what a
-        personalised run saves per client)."""
+    def evaluated_state(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> State:
+        """The tensors client `rt` is evaluated with at `tier` (default: its own) under this method's
+        protocol (what a personalised run saves per client)."""
         personal = rt.store.get("personal") if self.protocol == "personalized" else None
-        return personal if personal is not None else self.global_view(rt, global_state)
+        if personal is not None:
+            return personal
+        return self.global_view(rt, global_state, rt.tier if tier is None else tier)
 
-    def load_view(self, rt: ClientRuntime, state: State) -> int:
-        """Load an evaluated state (`evaluated_state`) into the adapter; return the k it runs with."""
+    def load_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
+        """Load an evaluated state (`evaluated_state`) into the adapter; return the k to route with
+        (`tier`, default: the client's own)."""
         rt.adapter.load_state_dict(state)
-        return rt.tier
+        return rt.tier if tier is None else tier
 
-    def eval_view(self, rt: ClientRuntime, global_state: State) -> int:
-        """Load the weights this client is evaluated with; return its k."""
-        return self.load_view(rt, self.evaluated_state(rt, global_state))
+    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
+        """Load the weights this client is evaluated with at `tier` (default: its own); return the k
+        to route with. `global_state` is what `final_state` makes of the global state."""
+        return self.load_view(rt, self.evaluated_state(rt, global_state, tier), tier)
+
+    def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
+        """The tiers at which this client is scored when every tier is evaluated (eval.tiers = all):
+        all of `tiers` for a global model that can run at any k (`cross_tier_eval`), else its own."""
+        return list(tiers) if self.cross_tier_eval and self.protocol == "global" else [rt.tier]
+
+
+def timed_update(method: Method, rt: ClientRuntime, instruction: Instruction) -> Reply:
+    """`method.client_update` with the client's mean optimizer-step seconds and its step count
+    in `reply.metrics` ("step_seconds", "steps"), as its trainer measured them."""
+    rt.trainer.step_seconds.clear()
+    reply = method.client_update(rt, instruction)
+    times = rt.trainer.step_seconds
+    if times:
+        reply.metrics["step_seconds"] = sum(times) / len(times)
+        reply.metrics["steps"] = len(times)
+    return reply
 
 
 def client_seed(seed: int, rnd: int, client_id: int) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from fedmole.algorithms.aggregate import State
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.algorithms.lora_common import LoRAMethod
+from fedmole.config import ConfigError
 from fedmole.data.tokenize import TrainBatches
 from fedmole.messages import Instruction, Reply
 
@@ -32,6 +33,13 @@ POOL_SEED = 999_983  # offsets the pooled shuffle's seed from every client's
 class CentralizedOptions:
     """Options of centralised training (`[centralized]` table); it has none beyond [adapter] and [train]."""
 
+    def check(self, cfg) -> None:
+        """Its one client step trains the server's pooled data and optimizer, which an update abandoned
+        past a deadline would keep writing (engine/deadline.py)."""
+        if cfg.fed.client_timeout > 0:
+            raise ConfigError(f"fed.client_timeout = {cfg.fed.client_timeout} does not apply to centralized; "
+                              "allowed: 0")
+
 
 class Centralized(LoRAMethod):
     """Centralised training (all data pooled; upper reference): one full-rank LoRA, the federated
@@ -39,6 +47,7 @@ class Centralized(LoRAMethod):
 
     name = "centralized"
     Options = CentralizedOptions
+    cross_tier_eval = False  # one full-rank model, the same at every tier
 
     def __init__(self, options, adapter, tiers, seed):
         adapter.fix_rank(adapter.max_rank)
@@ -52,6 +61,10 @@ class Centralized(LoRAMethod):
         first = runtimes[0].batches
         self.pool = TrainBatches(items, batch_size=first.batch_size, seed=self.seed * 1000 + POOL_SEED,
                                  pad_id=first.pad_id)
+
+    def known_examples(self, train_sizes: dict[int, int]) -> dict[int, int]:
+        total = sum(train_sizes.values())  # the data centre trains on every client's data
+        return {c: total for c in train_sizes}
 
     def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
         c = client_ids[0]

@@ -41,7 +41,6 @@ its current assignment.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,7 +59,7 @@ from fedmole.adapters.amole import (
 )
 from fedmole.algorithms.base import ClientRuntime, Method
 from fedmole.algorithms.rsea import check_feasible, privatize, random_assignment, rsea_assign
-from fedmole.algorithms.validate import check_reply
+from fedmole.algorithms.validate import check_counts, check_reply
 from fedmole.config import ConfigError, opt
 from fedmole.messages import Instruction, Reply, State
 from fedmole.training import autocast_context
@@ -191,6 +190,7 @@ class FedAMoLE(Method):
     @classmethod
     def ignored_reason(cls, key: str, moe: bool) -> str:
         return "FedAMoLE's experts, router and shared expert are set in [fedamole] (pool_size, top_k, shared_expert)"
+    cross_tier_eval = False  # every client routes top_k of its own experts, whatever its tier
 
     @classmethod
     def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int],
@@ -233,7 +233,7 @@ class FedAMoLE(Method):
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
         if reply.tier != instruction.tier:
             return f"tier {reply.tier} differs from the {instruction.tier} it was given"
-        why = check_reply(reply, {k: tuple(v.shape) for k, v in instruction.state.items()})
+        why = check_reply(reply, {k: tuple(v.shape) for k, v in instruction.state.items()}, allow_extra=True)
         if why:
             return why
         held = held_experts(instruction.state)
@@ -248,20 +248,22 @@ class FedAMoLE(Method):
             for key, t in reply.extra.items():
                 if tuple(t.shape) != expected[key] or not t.is_floating_point() or not torch.isfinite(t).all():
                     return f"{key}: bad embedding (shape {tuple(t.shape)}, expected {expected[key]}, finite floats)"
-        if set(reply.expert_counts) != set(held):
-            return f"expert counts for modules {sorted(reply.expert_counts)[:3]}, expected {sorted(held)[:3]}"
+        if set(reply.expert_counts) != set(held) or set(reply.tokens) != set(held):
+            return f"expert counts / token totals for modules {sorted(reply.expert_counts)[:3]} / " \
+                   f"{sorted(reply.tokens)[:3]}, expected {sorted(held)[:3]}"
         for m, js in held.items():
-            counts, seen = reply.expert_counts[m], reply.tokens.get(m)
-            if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int32 or tuple(counts.shape) != (len(js),):
+            counts, seen = reply.expert_counts[m], reply.tokens[m]
+            if counts.dtype != torch.int32 or tuple(counts.shape) != (len(js),):
                 return (f"{m}: expert counts must be int32 of shape ({len(js)},), one per held expert; got "
-                        f"{getattr(counts, 'dtype', type(counts).__name__)} {tuple(getattr(counts, 'shape', ()))}")
+                        f"{counts.dtype} {tuple(counts.shape)}")
             if (counts < 0).any():
                 return f"{m}: negative expert counts {counts.tolist()}"
-            if not isinstance(seen, (int, float)) or not math.isfinite(seen) or seen < 0 or seen != int(seen):
-                return f"{m}: token count {seen!r} is not a non-negative whole number"
-            k = min(self.options.top_k, len(js))
-            if int(counts.sum()) != int(seen) * k:  # each token goes to exactly k held experts
-                return f"{m}: expert counts sum to {int(counts.sum())}, expected tokens*k = {int(seen) * k}"
+            if seen != int(seen):
+                return f"{m}: token count {seen!r} is not a whole number"
+            # each token goes to exactly k held experts, each expert at most once
+            why = check_counts({m: counts}, {m: seen}, {m: len(js)}, min(self.options.top_k, len(js)))
+            if why:
+                return why
         return None
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
@@ -359,10 +361,10 @@ class FedAMoLE(Method):
         return {m: {str(j): float(n) / max(float(c.sum()), 1.0) for j, n in zip(held[m], c.tolist())}
                 for m, c in reply.expert_counts.items()}
 
-    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
         """Before a client has trained: the global experts of its current assignment."""
         return held_view(global_state, self.held_by(rt.client_id))
 
-    def load_view(self, rt: ClientRuntime, state: State) -> int:
+    def load_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
         rt.adapter.load_held_state(state)
         return self.options.top_k

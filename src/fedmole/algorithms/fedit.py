@@ -35,9 +35,10 @@ class FedITOptions:
                               f"({max(cfg.fed.tiers)}); allowed: 0..{max(cfg.fed.tiers)}")
 
 
-def aggregate_fedit(states: Sequence[State], sizes: Sequence[int]) -> State:
-    """FedAvg of every LoRA tensor, weighted by the clients' training-set sizes |D_i|."""
-    return fedavg(states, sizes)
+def aggregate_fedit(states: Sequence[State], sizes: Sequence[int], trim: float = 0.0) -> State:
+    """FedAvg of every LoRA tensor, weighted by the clients' training-set sizes |D_i|
+    (a weighted trimmed mean with trim > 0)."""
+    return fedavg(states, sizes, trim=trim)
 
 
 class FedIT(LoRAMethod):
@@ -46,6 +47,7 @@ class FedIT(LoRAMethod):
 
     name = "fedit"
     Options = FedITOptions
+    robust_averaging = True
 
     def __init__(self, options: FedITOptions, adapter: LoRAAdapter, tiers: list[int], seed: int):
         tier = options.tier or min(tiers)
@@ -58,4 +60,4 @@ class FedIT(LoRAMethod):
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:
             return {k: v.clone() for k, v in previous.items()}
-        return aggregate_fedit([r.state for r in replies], [r.num_examples for r in replies])
+        return aggregate_fedit([r.state for r in replies], [r.num_examples for r in replies], self.trim)

@@ -45,8 +45,28 @@ def activation_weights(
     return torch.stack(rows)
 
 
-def aggregate_flame(replies: Sequence[Reply], previous: State, t: float) -> State:
-    """New global adapter state from the accepted replies (pure; `previous` untouched)."""
+def tier_weight_shares(replies: Sequence[Reply], t: float) -> dict[str, float]:
+    """Each tier's share of the expert aggregation weight: sum over its clients of gamma_i^{m,j} over
+    sum_i gamma_i^{m,j}, averaged over the (module, expert) pairs that some client used."""
+    if not replies or not replies[0].expert_counts:
+        return {}
+    sizes = [r.num_examples for r in replies]
+    tiers = torch.tensor([r.tier for r in replies])
+    shares = {int(k): [] for k in tiers.unique()}
+    for module in replies[0].expert_counts:
+        gamma = activation_weights([r.expert_counts[module] for r in replies],
+                                   [r.tokens[module] for r in replies], sizes, t)  # (C, E)
+        total = gamma.sum(0)
+        used = total > 0
+        for k in shares:
+            shares[k].append((gamma[tiers == k].sum(0)[used] / total[used]))
+    return {str(k): float(torch.cat(v).mean()) for k, v in sorted(shares.items(), reverse=True) if v}
+
+
+def aggregate_flame(replies: Sequence[Reply], previous: State, t: float, trim: float = 0.0) -> State:
+    """New global adapter state from the accepted replies (pure; `previous` untouched).
+
+    trim > 0 replaces each weighted average by a weighted trimmed mean (`fed.robust`)."""
     if not replies:
         return {k: v.clone() for k, v in previous.items()}
     sizes = [r.num_examples for r in replies]
@@ -60,15 +80,15 @@ def aggregate_flame(replies: Sequence[Reply], previous: State, t: float) -> Stat
                 gammas[module] = activation_weights(
                     [r.expert_counts[module] for r in replies], [r.tokens[module] for r in replies], sizes, t
                 )
-            new[key] = per_row_average(values, gammas[module], prev)
+            new[key] = per_row_average(values, gammas[module], prev, trim)
         elif name == "rescale":
             out = prev.clone()
             for k in sorted({r.tier for r in replies}):
                 tier = [(r.state[key][k - 1], r.num_examples) for r in replies if r.tier == k]
-                out[k - 1] = weighted_average([v for v, _ in tier], [n for _, n in tier])
+                out[k - 1] = weighted_average([v for v, _ in tier], [n for _, n in tier], trim)
             new[key] = out
         else:  # router, shared expert, anything else: data-size FedAvg
-            new[key] = weighted_average(values, sizes)
+            new[key] = weighted_average(values, sizes, trim)
     return new
 
 
@@ -78,6 +98,17 @@ class Flame(Method):
 
     name = "flame"
     Options = FlameOptions
+    robust_averaging = True
+
+    def __init__(self, options, adapter, tiers, seed):
+        super().__init__(options, adapter, tiers, seed)
+        self.shares: dict[str, float] = {}
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
-        return aggregate_flame(replies, previous, self.options.t)
+        self.shares = tier_weight_shares(replies, self.options.t)
+        return aggregate_flame(replies, previous, self.options.t, self.trim)
+
+    def round_metrics(self) -> dict:
+        """Each tier's share of the expert aggregation weight in the last round (t = 2 favours the tiers
+        that activate more experts: a tier-1 client can get a few % of an expert's weight)."""
+        return {"expert_weight_share": dict(self.shares)} if self.shares else {}

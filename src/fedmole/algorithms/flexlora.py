@@ -26,6 +26,7 @@ import torch
 
 from fedmole.adapters.lora import pair_keys, truncate_lora
 from fedmole.algorithms.aggregate import State
+from fedmole.algorithms.base import ClientRuntime
 from fedmole.algorithms.lora_common import LoRAMethod, stack_lora
 from fedmole.messages import Reply
 
@@ -100,10 +101,15 @@ class FlexLoRA(LoRAMethod):
         super().__init__(options, adapter, tiers, seed)
         self.factored = False  # whether the global state holds SVD factors yet (else: the common init)
 
-    def client_view(self, global_state: State, client_id: int) -> State:
+    def tier_view(self, global_state: State, tier: int) -> State:
         if not self.factored:
-            return truncate_lora(global_state, self.ranks[client_id])
-        return client_factors(global_state, self.ranks[client_id], self.max_rank)
+            return truncate_lora(global_state, self.rank_of(tier))
+        return client_factors(global_state, self.rank_of(tier), self.max_rank)
+
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        """Always the rescaled factors: before the first aggregation every B is zero, so rescaling
+        changes nothing, and a Flower node's method (which never aggregates) evaluates like the server."""
+        return client_factors(global_state, self.rank_of(tier), self.max_rank)
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:

@@ -167,18 +167,22 @@ class FLoRA(LoRAMethod):
         self.keep_personal(rt, state)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
-        return {**super().global_view(rt, global_state), **_merged_keys(self.merged)}
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        """What `final_state` holds, at the tier's rank: the fresh LoRA and the merged base deltas. The
+        deltas come with the state, not from this instance, because a Flower node's method never aggregates."""
+        lora = {k: v for k, v in global_state.items() if split_key(k)[1] != "merged"}
+        merged = {k: v for k, v in global_state.items() if split_key(k)[1] == "merged"}
+        return {**super().global_view(rt, lora, tier), **merged}
 
-    def evaluated_state(self, rt: ClientRuntime, global_state: State) -> State:
-        state = super().evaluated_state(rt, global_state)
+    def evaluated_state(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> State:
+        state = super().evaluated_state(rt, global_state, tier)
         if self.protocol == "personalized" and "personal" in rt.store:  # the base it trained on
             state = {**state, **_merged_keys(rt.store.get("merged", {}))}
         return state
 
-    def load_view(self, rt: ClientRuntime, state: State) -> int:
+    def load_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
         rt.adapter.set_merged({split_key(k)[0]: v for k, v in state.items() if split_key(k)[1] == "merged"})
-        return super().load_view(rt, {k: v for k, v in state.items() if split_key(k)[1] != "merged"})
+        return super().load_view(rt, {k: v for k, v in state.items() if split_key(k)[1] != "merged"}, tier)
 
 
 def _merged_keys(merged: Mapping[str, torch.Tensor]) -> State:

@@ -41,11 +41,11 @@ def product_norm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return gram.sum((-2, -1)).clamp_min(0.0).sqrt()
 
 
-def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: int) -> State:
+def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: int, trim: float = 0.0) -> State:
     """New rank-`max_rank` global state from rank-r_i client states (pure).
 
     Per LoRA pair: A = sum_i w_i pad(A_i) / sum_i w_i, B likewise, w_i = ||B_i A_i||_F
-    (per expert for stacked MoE pairs).
+    (per expert for stacked MoE pairs; weighted trimmed means with trim > 0).
     """
     padded = [pad_lora(s, max_rank) for s in states]
     pairs = [lora_pairs(s) for s in states]
@@ -56,11 +56,11 @@ def aggregate_hetlora(states: Sequence[State], sizes: Sequence[int], max_rank: i
         if w.dim() == 1:
             weights = (w if w.sum() > 0 else fallback).tolist()
             for key in keys:
-                new[key] = weighted_average([p[key] for p in padded], weights)
+                new[key] = weighted_average([p[key] for p in padded], weights, trim)
         else:  # one LoRA per expert: an expert nobody moved falls back to FedAvg by size
             w = torch.where(w.sum(0, keepdim=True) > 0, w, fallback[:, None])
             for key in keys:
-                new[key] = per_row_average([p[key] for p in padded], w, padded[0][key])
+                new[key] = per_row_average([p[key] for p in padded], w, padded[0][key], trim)
     return new
 
 
@@ -70,8 +70,10 @@ class HetLoRA(LoRAMethod):
 
     name = "hetlora"
     Options = HetLoRAOptions
+    robust_averaging = True
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:
             return {k: v.clone() for k, v in previous.items()}
-        return aggregate_hetlora([r.state for r in replies], [r.num_examples for r in replies], self.max_rank)
+        return aggregate_hetlora([r.state for r in replies], [r.num_examples for r in replies], self.max_rank,
+                                 self.trim)

@@ -29,6 +29,7 @@ class LocalOnly(LoRAMethod):
     name = "local"
     protocols = ("personalized",)  # the global state is only the common initial adapter
     Options = LocalOptions
+    cross_tier_eval = False  # a personal adapter of the client's own rank
 
     def __init__(self, options, adapter, tiers, seed):
         super().__init__(options, adapter, tiers, seed)

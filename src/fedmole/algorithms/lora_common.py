@@ -64,6 +64,7 @@ class LoRAMethod(Method):
         self.shapes = adapter.shapes()  # at the allocated rank r_max
         self.alpha = adapter.cfg.alpha
         self.max_rank = adapter.max_rank
+        self.rank_of = adapter.rank_of  # tier -> LoRA rank
         self.ranks = [adapter.rank_of(t) for t in tiers]  # rank of each client id
         self.server_rank = self.max_rank  # rank of the global state
 
@@ -73,7 +74,11 @@ class LoRAMethod(Method):
 
     def client_view(self, global_state: State, client_id: int) -> State:
         """The adapter client `client_id` starts from (and is evaluated with)."""
-        return truncate_lora(global_state, self.ranks[client_id])
+        return self.tier_view(global_state, self.tiers[client_id])
+
+    def tier_view(self, global_state: State, tier: int) -> State:
+        """The adapter a client of tier `tier` runs: the rank-r_k view of the global state."""
+        return truncate_lora(global_state, self.rank_of(tier))
 
     def configure(self, rnd: int, client_ids: list[int], global_state: State) -> list[Instruction]:
         return [Instruction(rnd, c, self.client_view(global_state, c), self.tiers[c]) for c in client_ids]
@@ -87,7 +92,7 @@ class LoRAMethod(Method):
     def check(self, reply: Reply, instruction: Instruction) -> str | None:
         if reply.tier != instruction.tier:
             return f"tier {reply.tier} differs from the {instruction.tier} it was given"
-        return check_reply(reply, self.expected_reply(instruction.client_id))
+        return check_reply(reply, self.expected_reply(instruction.client_id), num_experts={})
 
     # -- client side ---------------------------------------------------------
     def train_view(self, rt: ClientRuntime, start: State, tier: int, rnd: int,
@@ -104,8 +109,8 @@ class LoRAMethod(Method):
         self.keep_personal(rt, state)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def global_view(self, rt: ClientRuntime, global_state: State) -> State:
-        return self.client_view(global_state, rt.client_id)
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        return self.tier_view(global_state, tier)
 
 
 def stack_lora(

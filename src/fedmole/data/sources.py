@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedmole.data.options import parse_options, with_closed_options
 from fedmole.data.types import Example
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,12 @@ def _check_known(tasks: list[str], known: list[str]) -> None:
 
 
 def _with_instruction(ex: Example, instruction: str) -> Example:
-    return Example(instruction, ex.input, ex.outputs, ex.category, ex.task)
+    return dataclasses.replace(ex, instruction=instruction)
+
+
+def with_ids(examples: list[Example], source: str) -> list[Example]:
+    """Each example without an id of its own gets "<task, else source>/<its row index in the source>"."""
+    return [ex if ex.id else dataclasses.replace(ex, id=f"{ex.task or source}/{i}") for i, ex in enumerate(examples)]
 
 
 # --------------------------------------------------------------------------- embedded NI
@@ -169,7 +175,7 @@ def _load_natural_instructions(tasks: list[str] | None, max_per_task: int | None
     before: dict[str, list[Example]] = {}
     kept: dict[str, list[Example]] = {}
     for task in tasks if tasks is not None else list(index):
-        before[task] = read_file(root / f"{task}.jsonl")
+        before[task] = with_closed_options(read_file(root / f"{task}.jsonl"))  # before sampling: the whole task decides
         kept[task] = before[task] if max_per_task is None else _sample(before[task], max_per_task, seed, task)
     if max_per_task is not None:
         log_cap(before, kept, max_per_task)
@@ -179,8 +185,9 @@ def _load_natural_instructions(tasks: list[str] | None, max_per_task: int | None
 # --------------------------------------------------------------------------- user files
 
 
-def read_file(path: str | Path) -> list[Example]:
-    """Read a .jsonl / .json (list of objects) / .csv file of examples.
+def read_file(path: str | Path, fmt: str | None = None) -> list[Example]:
+    """Read a .jsonl / .json (list of objects) / .csv file of examples (`fmt`: jsonl | json | csv
+    overrides the suffix).
 
     Errors name the place: `file:LINE:` for JSONL and CSV, `file: item I:` for JSON.
     """
@@ -196,7 +203,7 @@ def read_file(path: str | Path) -> list[Example]:
         raise DataError(f"{path}:{line}: file is not UTF-8 (undecodable byte 0x{raw[err.start]:02x}); re-save it as UTF-8") from None
     if not text.strip():
         raise DataError(f"{path}: file is empty")
-    suffix = path.suffix.lower()
+    suffix = f".{fmt.lower().lstrip('.')}" if fmt else path.suffix.lower()
     if suffix == ".jsonl":
         examples = _read_jsonl(text, path)
     elif suffix == ".json":
@@ -207,7 +214,7 @@ def read_file(path: str | Path) -> list[Example]:
         raise DataError(f"{path}: unsupported file type {suffix!r}; accepted: {', '.join(FILE_SUFFIXES)}")
     if not examples:
         raise DataError(f"{path}: file holds no examples")
-    return examples
+    return with_ids(examples, path.stem)
 
 
 def _read_jsonl(text: str, path: Path) -> list[Example]:
@@ -243,14 +250,33 @@ def _read_csv(text: str, path: Path) -> list[Example]:
             where = f"{path}:{reader.line_num}"
             if None in row:
                 raise DataError(f"{where}: row has more fields than the header ({len(header)})")
-            out.append(row_to_example({k: v for k, v in row.items() if v is not None}, where))
+            fields = {k: v for k, v in row.items() if v is not None}
+            if "options" in fields:
+                fields["options"] = _csv_options(fields["options"], where)
+            out.append(row_to_example(fields, where))
     except csv.Error as err:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV: {err}") from None
     return out
 
 
+def _csv_options(cell: str, where: str) -> list | None:
+    """A CSV `options` cell: empty, or a JSON list of strings such as ["yes", "no"]."""
+    if not cell.strip():
+        return None
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list):
+        raise DataError(f'{where}: field \'options\' must be a JSON list such as ["yes", "no"], got {cell!r}')
+    return value
+
+
 def row_to_example(row: object, where: str) -> Example:
-    """Validate one {instruction, input?, output, category?, task?} record."""
+    """Validate one {instruction, input?, output, category?, task?, options?, id?} record.
+
+    `options` (a list of >= 2 distinct strings) must contain every reference answer; `id` (text)
+    names the example in predictions (default: "<task, else the file's name>/<row index>")."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected an object with instruction/input/output fields, got {type(row).__name__}")
     instruction = _text(row, "instruction", where, required=True)
@@ -258,7 +284,11 @@ def row_to_example(row: object, where: str) -> Example:
     outputs = _outputs(row.get("output"), where)
     category = _text(row, "category", where, required=False)
     task = _text(row, "task", where, required=False)
-    return Example(instruction, text_input, outputs, category, task)
+    options, problem = parse_options(row.get("options"), outputs)
+    if problem:
+        raise DataError(f"{where}: {problem}")
+    return Example(instruction, text_input, outputs, category, task, id=_text(row, "id", where, required=False),
+                   options=options)
 
 
 def _text(row: Mapping, field: str, where: str, *, required: bool) -> str:
@@ -337,14 +367,14 @@ def map_hub_row(row: Mapping, layout: str) -> dict:
             "task": task,
         }
     if layout == "generic":
-        return {k: row.get(k) for k in ("instruction", "input", "output", "category", "task")}
+        return {k: row.get(k) for k in ("instruction", "input", "output", "category", "task", "options")}
     raise DataError(f"unknown hub layout {layout!r}; known: {', '.join(HUB_LAYOUTS)}")
 
 
 def hub_rows_to_examples(rows: Iterable[Mapping], columns: Iterable[str], name: str) -> list[Example]:
     """Map and validate hub rows; errors name the dataset and row index."""
     layout = hub_layout(columns)
-    return [row_to_example(map_hub_row(row, layout), f"{name} row {i}") for i, row in enumerate(rows)]
+    return with_ids([row_to_example(map_hub_row(row, layout), f"{name} row {i}") for i, row in enumerate(rows)], name)
 
 
 def _load_hub(source: str) -> list[Example]:

@@ -77,6 +77,15 @@ def encode_prompt(tokenizer, ex: Example, *, max_prompt_tokens: int, use_chat_te
     return head_ids + instr_ids + middle_ids + input_ids + tail_ids
 
 
+def answer_ids(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of an answer as it is trained (and scored as an option): its tokens, at most
+    `max_tokens` of them, then EOS."""
+    ids = _ids(tokenizer, text)[:max_tokens]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def encode_train(
     tokenizer,
     ex: Example,
@@ -90,9 +99,7 @@ def encode_train(
     The answer keeps at most `max_answer_tokens` tokens (EOS not counted); the prompt
     gets what is left of `max_len`. labels are IGNORE_INDEX on the prompt.
     """
-    answer = _ids(tokenizer, ex.outputs[0])[:max_answer_tokens]
-    if tokenizer.eos_token_id is not None:
-        answer.append(tokenizer.eos_token_id)
+    answer = answer_ids(tokenizer, ex.outputs[0], max_tokens=max_answer_tokens)
     budget = max_len - len(answer)
     if budget < 1:
         raise ValueError(f"max_len={max_len} leaves no room for a prompt next to a {len(answer)}-token answer")

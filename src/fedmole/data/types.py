@@ -11,6 +11,9 @@ class Example:
 
     `outputs` holds every reference answer; the first one is the training
     target, all of them count at evaluation (ROUGE-L takes the max).
+    `options`, when given, is the closed set of answers: evaluation then
+    picks the option with the lowest LM loss instead of generating, and
+    every reference is one of them.
     """
 
     instruction: str
@@ -18,6 +21,8 @@ class Example:
     outputs: tuple[str, ...]
     category: str = ""  # coarse label used by Dirichlet partitions
     task: str = ""  # fine label (e.g. the Natural Instructions subtask)
+    id: str = ""  # stable id, "<task or source>/<row index in the source>", set at load time
+    options: tuple[str, ...] = ()  # answer choices for classification data (empty: generate)
 
 
 @dataclass

@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.algorithms import robust
+from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
 from fedmole.config import Config
 from fedmole.console import bars_enabled, round_line
+from fedmole.engine.deadline import ClientTimeout, run_client
+from fedmole.engine.evaluation import (
+    compute_summary,
+    evaluate_client,
+    headline,
+    summarise,
+    tiers_to_evaluate,
+    write_predictions,
+)
+from fedmole.engine.guard import ClientInfo, Limits, admit_train, screen_updates
 from fedmole.engine.personal import evaluated_sha256, save_client_states
 from fedmole.engine.setup import Setup, describe_setup
-from fedmole.evaluation.generate import evaluate_generation
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
+from fedmole.reporting.report import read_metrics
 from fedmole.reporting.rundir import RunDir
 from fedmole.reporting.tracker import open_tracker
 
@@ -32,6 +43,10 @@ log = logging.getLogger("fedmole")
 
 class RoundFailed(RuntimeError):
     """Too few clients replied with an acceptable update."""
+
+
+class ResumeError(RuntimeError):
+    """A run directory cannot be continued (the message says why)."""
 
 
 def reply_nbytes(reply: Reply) -> int:
@@ -47,9 +62,15 @@ class LocalEngine:
     def __init__(self, cfg: Config, run_dir: str | Path):
         self.cfg = cfg
         self.out = RunDir(run_dir)
-        self.setup = Setup(cfg)
+        self.setup = self.make_setup(cfg)
         self.method = self.setup.method
         self.progress = bars_enabled(cfg.run.progress)
+        self.clients = self.client_infos()  # client id -> name, training and test example counts
+        self.limits = Limits.from_config(
+            cfg, self.method.known_examples({c: info.train for c, info in self.clients.items()}),
+            {c: info.test for c, info in self.clients.items()})
+        self.norm_reference: float | None = None  # median update length of the last round (engine/guard.py)
+        self.client_seconds: dict[int, float] = {}  # wall seconds of each client's last update
 
     # -- the round loop --------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -65,10 +86,15 @@ class LocalEngine:
         else:
             out.write_config(cfg.to_dict())
             global_state = self.method.initial_state(self.setup.adapter)
-            before = self.evaluate(global_state, rnd=0)
-            out.log_round({"round": 0, **_headline(before), "seconds": 0.0})
-            tracker.log({"round": 0, **_headline(before)})
-            log.info("before training: rouge_l %.2f, exact_match %.2f", before["rouge_l"], before["exact_match"])
+            before = None
+            self.rows = []
+            if cfg.eval.before:
+                before = self.evaluate(global_state, rnd=0)
+                before.pop("records", None)
+                self.rows.append({"round": 0, **headline(before), "seconds": 0.0})
+                tracker.log({"round": 0, **headline(before)})
+                log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in headline(before).items()))
+            out.write_metrics(self.rows)  # starting over replaces what an earlier attempt wrote
             first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
         loop_started = time.perf_counter()
         last_replies: list[Reply] = []
@@ -91,7 +117,7 @@ class LocalEngine:
                     f"round {rnd}: {len(accepted)} acceptable replies, fed.min_clients = {cfg.fed.min_clients}, "
                     f"after {cfg.fed.round_retries + 1} attempt(s); rejected: {rejected}"
                 )
-            global_state = self.method.aggregate(rnd, accepted, global_state)   # aggregate
+            global_state = self.aggregate(rnd, accepted, instructions, global_state)   # aggregate
             evaluation = self.evaluate(global_state, rnd) if self.eval_due(rnd) else None  # evaluate
 
             down, up = self.payload_bytes(instructions, accepted)
@@ -100,27 +126,35 @@ class LocalEngine:
             row = {
                 "round": rnd,
                 "train_loss": float(np.mean([r.train_loss for r in accepted])),
-                **(_headline(evaluation) if evaluation else {}),
+                **(headline(evaluation) if evaluation else {}),
+                **({"eval_missing": evaluation["missing"]} if evaluation and evaluation.get("missing") else {}),
                 "clients": [r.client_id for r in accepted],
                 "rejected": {str(c): why for c, why in rejected.items()},
                 "num_rejected": len(rejected),
                 "comm_bytes_up": up,
                 "comm_bytes_down": down,
                 "seconds": round(time.perf_counter() - t0, 3),
+                "compute": [{"client": r.client_id, "tier": r.tier, "step_seconds": r.metrics["step_seconds"],
+                             "steps": r.metrics["steps"]} for r in accepted if "step_seconds" in r.metrics],
+                **self.method.round_metrics(),
             }
+            self.rows.append(row)
             self.checkpoint(rnd, global_state, before, comm, spent + time.perf_counter() - started)  # checkpoint
-            out.log_round(row)
+            out.log_round(row)  # after the checkpoint, which holds the row too
             tracker.log(row)
             per_round = (time.perf_counter() - loop_started) / (rnd - first + 1)
             log.info(round_line(row, cfg.run.rounds, per_round * (cfg.run.rounds - rnd)))
             last_replies = accepted
 
         final = evaluation if evaluation is not None else self.evaluate(global_state, cfg.run.rounds)
+        records = final.pop("records", None)
+        if records:  # engines whose clients score remotely return no per-example records
+            write_predictions(out.path, records)
         trained = self.method.final_state(global_state)
         out.save_adapter(trained)
         evaluated_sha = state_sha256(trained)
         if self.method.protocol == "personalized":  # what was evaluated: each client's own model
-            save_client_states(out.path, self.setup, global_state, final["per_client"])
+            save_client_states(out.path, self.setup, trained, final["per_client"])
             evaluated_sha = evaluated_sha256(final["per_client"])
         summary = {
             "method": cfg.run.method,
@@ -129,10 +163,12 @@ class LocalEngine:
             "rounds": cfg.run.rounds,
             "seed": cfg.run.seed,
             "protocol": self.method.protocol,
-            "metrics": _headline(final),
-            "baseline_metrics": _headline(before),
+            "metrics": headline(final),
+            "baseline_metrics": headline(before) if before else None,
             "per_client": final["per_client"],
             "per_tier": final["per_tier"] if self.method.tiered else {},
+            "evaluation_missing": final.get("missing", {}),  # clients the final evaluation lacks, and why
+            "compute": compute_summary(read_metrics(out.metrics_path), self.tier_flops()),
             "comm_bytes": comm,
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
             "final_state_sha256": evaluated_sha,
@@ -149,12 +185,14 @@ class LocalEngine:
 
     # -- checkpoints -------------------------------------------------------------
     def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
-        clients = {
-            rt.client_id: {"store": rt.store, "batches": rt.batches.state_dict()} for rt in self.setup.runtimes
-        }
-        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "before": before,
-                "comm": comm, "seconds": seconds}
-        self.out.checkpoint(rnd, global_state, self.method.state_dict(), clients, meta)
+        """Save round `rnd`: global and server state, client state, and every metric row so far."""
+        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "engine": self.name, "before": before,
+                "comm": comm, "seconds": seconds, "rows": self.rows, "norm_reference": self.norm_reference}
+        self.out.checkpoint(rnd, global_state, self.method.state_dict(), self.client_states(), meta)
+
+    def client_states(self) -> dict:
+        """What each client keeps between rounds (optimizer, personal tensors, batch position)."""
+        return {rt.client_id: {"store": rt.store, "batches": rt.batches.state_dict()} for rt in self.setup.runtimes}
 
     def restore(self) -> tuple[int, State, dict, dict, float] | None:
         """Load the newest good checkpoint into the method and clients; None if there is none."""
@@ -163,9 +201,13 @@ class LocalEngine:
             log.warning("no usable checkpoint in %s; starting from round 1", self.out.path)
             return None
         meta = ckpt["meta"]
+        check_resumable(self.out.path, meta)
         if meta.get("method") != self.cfg.run.method or meta.get("seed") != self.cfg.run.seed:
-            raise RuntimeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
-                               f"seed {meta.get('seed')}, not this run's config")
+            raise ResumeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
+                              f"seed {meta.get('seed')}, not this run's config")
+        if "rows" not in meta:
+            raise ResumeError(f"checkpoint {ckpt['path']} holds no metric rows (written by an older fedmole); "
+                              "start a new run")
         self.setup.adapter.load_state_dict(ckpt["global_state"])  # also checks keys and shapes
         self.method.load_state_dict(ckpt["server"])
         for rt in self.setup.runtimes:
@@ -174,57 +216,81 @@ class LocalEngine:
             rt.store.update(saved["store"])
             rt.batches.load_state_dict(saved["batches"])
         rnd = int(meta["round"])
-        self.out.truncate_metrics(rnd)
+        self.rows = list(meta["rows"])
+        self.out.write_metrics(self.rows)
+        self.norm_reference = meta.get("norm_reference")
         log.info("resuming %s after round %d (%s)", self.out.path, rnd, ckpt["path"].name)
         return rnd + 1, ckpt["global_state"], meta["before"], dict(meta["comm"]), float(meta["seconds"])
 
     # -- steps -----------------------------------------------------------------
     def select(self, rnd: int, attempt: int = 0) -> list[int]:
-        n = len(self.setup.runtimes)
+        n = self.cfg.data.num_clients
         m = min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
         if m == n:
             return list(range(n))
         rng = np.random.default_rng([self.cfg.run.seed, rnd, attempt])
         return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
 
-    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
-        replies, failures = [], {}
+    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[dict[int, object], dict[int, str]]:
+        """What each client returned (client id -> undecoded reply, in instruction order) and why
+        the others returned nothing."""
+        replies, failures = {}, {}
         bar = tqdm(instructions, desc=f"round {rnd}/{self.cfg.run.rounds}", unit="client",
                    disable=not self.progress, leave=False)
         for instruction in bar:
             rt = self.setup.runtimes[instruction.client_id]
             torch.manual_seed(client_seed(self.cfg.run.seed, rnd, rt.client_id))
             t0 = time.perf_counter()
-            try:
-                reply = self.method.client_update(rt, instruction)
+            try:  # held by the wall clock: a client past fed.client_timeout is abandoned (engine/deadline.py)
+                reply = run_client(self.setup, rt, partial(timed_update, self.method), instruction,
+                                   self.cfg.fed.client_timeout)
+            except ClientTimeout as e:
+                log.warning("round %d: client %d dropped: %s", rnd, rt.client_id, e)
+                failures[rt.client_id] = str(e)
+                continue
             except Exception as e:  # one failing client must not stop the round
                 log.warning("round %d: client %d failed: %r", rnd, rt.client_id, e)
                 failures[rt.client_id] = f"exception: {e!r}"
                 continue
-            seconds = time.perf_counter() - t0
-            limit = self.cfg.fed.client_timeout
-            if limit and seconds > limit:  # a straggler past the deadline: its reply arrives too late
-                log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, rt.client_id, seconds)
-                failures[rt.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
-                continue
-            reply.metrics.setdefault("seconds", round(seconds, 3))
-            log.debug("round %d: client %d (k=%d) trained, loss %.4f, %.2f s", rnd, rt.client_id, rt.tier,
-                      reply.train_loss, seconds)
-            bar.set_postfix(loss=f"{reply.train_loss:.3f}")
-            replies.append(reply)
+            self.client_seconds[rt.client_id] = round(time.perf_counter() - t0, 3)
+            log.debug("round %d: client %d (k=%d) trained in %.2f s", rnd, rt.client_id, rt.tier,
+                      self.client_seconds[rt.client_id])
+            replies[rt.client_id] = reply
         return replies, failures
 
-    def validate(self, replies: list[Reply], instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+    def decode(self, raw: object) -> Reply:
+        """The Reply inside what a client returned (in-process clients return the Reply itself)."""
+        return raw  # type: ignore[return-value]
+
+    def validate(self, raw: dict[int, object], instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+        """The acceptable replies (instruction order) and why the others were rejected (engine/guard.py)."""
         sent = {i.client_id: i for i in instructions}
         accepted, rejected = [], {}
-        for reply in replies:
-            why = self.method.check(reply, sent[reply.client_id]) if reply.client_id in sent else "not selected"
+        for c, item in raw.items():
+            reply, why = admit_train(lambda: self.decode(item), sent[c], self.method, self.limits)
             if why:
-                log.warning("rejected reply of client %d: %s", reply.client_id, why)
-                rejected[reply.client_id] = why
+                rejected[c] = why
             else:
                 accepted.append(reply)
+        accepted, screened, norms = screen_updates(accepted, sent, self.limits, self.norm_reference)
+        rejected.update(screened)
+        if norms:
+            self.norm_reference = float(np.median(norms))
+        for c, why in rejected.items():
+            log.warning("rejected reply of client %d: %s", c, why)
+        for reply in accepted:
+            if reply.client_id in self.client_seconds:
+                reply.metrics.setdefault("seconds", self.client_seconds[reply.client_id])
         return accepted, rejected
+
+    def aggregate(self, rnd: int, accepted: list[Reply], instructions: list[Instruction], previous: State) -> State:
+        """The method's aggregation, after `fed.robust = "clip"` has clipped every update to the median length."""
+        if self.cfg.fed.robust == "clip":
+            sent = {i.client_id: i for i in instructions}
+            clipped = robust.clip_to_median([r.state for r in accepted], [sent[r.client_id].state for r in accepted])
+            for reply, state in zip(accepted, clipped):
+                reply.state = state
+        return self.method.aggregate(rnd, accepted, previous)
 
     def payload_bytes(self, instructions: list[Instruction], replies: list[Reply]) -> tuple[int, int]:
         """Tensor payload bytes sent down and up this round (a transport that re-encodes payloads overrides it)."""
@@ -235,13 +301,39 @@ class LocalEngine:
         return rnd == self.cfg.run.rounds or (every > 0 and rnd % every == 0)
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
-        """Generate on every client's test split with its tier's k; per client, per tier, mean."""
-        per_client = {}
+        """Score every client's eval split at its tier's k (every tier's, with eval.tiers = all);
+        per client, per tier, mean, and the per-example `records`."""
+        per_client, records = {}, []
+        tiers = tiers_to_evaluate(self.setup)
+        state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
         bar = tqdm(self.setup.runtimes, desc=f"evaluate (round {rnd})", unit="client",
                    disable=not self.progress, leave=False)
         for rt in bar:
-            per_client[rt.data.name] = evaluate_client(self.setup, rt, global_state)
-        return summarise(per_client)
+            result = evaluate_client(self.setup, rt, state, tiers)
+            records += result.pop("records")
+            per_client[rt.data.name] = result
+        return {**summarise(per_client), "records": records}
+
+    def tier_flops(self) -> dict[str, float]:
+        """Estimated training FLOPs per token at every tier in use, for sequences of data.max_len tokens."""
+        from fedmole.compute import tier_flops
+
+        try:
+            return tier_flops(self.setup.model, self.setup.adapter, self.setup.tiers, self.cfg.data.max_len)
+        except TypeError as e:  # an adapter kind without a FLOPs rule: say so, report time only
+            log.warning("no FLOPs estimate: %s", e)
+            return {}
+
+    def make_setup(self, cfg: Config) -> Setup:
+        return Setup(cfg)
+
+    def client_infos(self) -> dict[int, ClientInfo]:
+        """What the server knows about each client's data (here: the clients themselves)."""
+        return {rt.client_id: ClientInfo(rt.data.name, len(rt.data.train), len(rt.data.test))
+                for rt in self.setup.runtimes}
+
+    def client_name(self, client_id: int) -> str:
+        return self.clients[client_id].name
 
     def expert_usage(self, replies: list[Reply]) -> dict:
         """Each client's routing in the last round, as the method summarises it (`Method.expert_usage`)."""
@@ -249,54 +341,23 @@ class LocalEngine:
         for r in replies:
             summary = self.method.expert_usage(r)
             if summary is not None:
-                usage[self.setup.runtimes[r.client_id].data.name] = summary
+                usage[self.client_name(r.client_id)] = summary
         return usage
 
 
-def evaluate_client(setup: Setup, rt: ClientRuntime, global_state: State) -> dict:
-    """One client's test metrics with the weights `Method.eval_view` gives it (shared by every engine)."""
-    e = setup.cfg.eval
-    k = setup.method.eval_view(rt, global_state)
-    with setup.adapter.route(k):
-        res = evaluate_generation(
-            setup.model, setup.tokenizer, rt.data.test, setup.encode_prompt,
-            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, autocast_dtype=setup.autocast,
-            progress=bars_enabled(setup.cfg.run.progress),
-        )
-    log.debug("evaluated client %d (k=%d): rouge_l %.2f over %d examples", rt.client_id, k, res["rouge_l"], res["n"])
-    out = {"client_id": rt.client_id, "tier": rt.tier, "rouge_l": res["rouge_l"],
-           "exact_match": res["exact_match"], "n": res["n"]}
-    if setup.method.protocol == "personalized":  # which of the clients' own models was scored
-        out["state_sha256"] = state_sha256(setup.method.evaluated_state(rt, global_state))
-    return out
-
-
-def summarise(per_client: dict) -> dict:
-    tiers = defaultdict(list)
-    for name, m in per_client.items():
-        tiers[m["tier"]].append(m)
-    per_tier = {
-        str(t): {
-            "rouge_l": float(np.mean([m["rouge_l"] for m in ms])),
-            "exact_match": float(np.mean([m["exact_match"] for m in ms])),
-            "clients": len(ms),
-        }
-        for t, ms in sorted(tiers.items(), reverse=True)
-    }
-    return {
-        "rouge_l": float(np.mean([m["rouge_l"] for m in per_client.values()])),
-        "exact_match": float(np.mean([m["exact_match"] for m in per_client.values()])),
-        "per_client": per_client,
-        "per_tier": per_tier,
-    }
-
-
-def _headline(evaluation: dict) -> dict:
-    return {"rouge_l": evaluation["rouge_l"], "exact_match": evaluation["exact_match"]}
+def check_resumable(run_dir: str | Path, meta: dict | None = None) -> None:
+    """Raise ResumeError when the run in `run_dir` (its newest checkpoint, or `meta`) ran on Flower."""
+    engine = (RunDir(run_dir).newest_meta() if meta is None else meta).get("engine", "local")
+    if engine != "local":
+        raise ResumeError(
+            f"{run_dir} was run on the {engine} engine: its clients' optimizer state and batch positions lived "
+            "on the Flower nodes and ended with the run, and its checkpoints hold only the server's half (global "
+            "adapter, method state, metric rows); start a new run")
 
 
 def run_local(cfg: Config, run_dir: str | Path) -> dict:
     return LocalEngine(cfg, run_dir).run()
 
 
-__all__ = ["LocalEngine", "RoundFailed", "run_local", "ClientRuntime"]
+__all__ = ["LocalEngine", "RoundFailed", "ResumeError", "check_resumable", "run_local", "ClientRuntime",
+           "evaluate_client", "summarise"]

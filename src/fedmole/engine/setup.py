@@ -82,28 +82,42 @@ def _pick_ni_tasks(n: int, seed: int) -> list[str]:
     return [names[i] for i in sorted(rng.choice(len(names), size=n, replace=False))]
 
 
+def partitions_for(cfg: Config) -> list[list[Example]]:
+    """Every client's examples (before its train / aux / val / test split)."""
+    return _partition(cfg, load_examples_for(cfg))
+
+
+def _partition(cfg: Config, examples: list[Example]) -> list[list[Example]]:
+    d, seed = cfg.data, cfg.run.seed
+    if d.partition == "task":
+        return partitioning.by_task(examples, d.num_clients, seed, tasks=d.tasks or None)
+    if d.partition == "dirichlet":
+        return partitioning.dirichlet(examples, d.num_clients, d.dirichlet_alpha, seed, min_size=d.min_client_size)
+    return partitioning.iid(examples, d.num_clients, seed)
+
+
 def build_client_data(cfg: Config) -> list[ClientData]:
     return load_clients(cfg, assign_tiers(cfg))[0]
 
 
-def load_clients(cfg: Config, tiers: list[int]) -> tuple[list[ClientData], dict]:
+def load_clients(cfg: Config, tiers: list[int], clients: list[ClientData] | None = None
+                 ) -> tuple[list[ClientData], dict]:
     """Every client's splits and the summary's `data` block; rows that reach no client, or no
-    split, are counted in a log line."""
+    split, are counted in a log line. `clients` given (a Flower site's own, or none for a
+    server): only the summary is built."""
     d, seed = cfg.data, cfg.run.seed
+    if clients is not None:
+        rows = sum(len(c.train) + len(c.aux) + len(c.val) + len(c.test) for c in clients)
+        return clients, data_summary(d.source, d.partition, rows, rows, clients, tiers)
     examples = load_examples_for(cfg)
-    if d.partition == "task":
-        parts = partitioning.by_task(examples, d.num_clients, seed, tasks=d.tasks or None)
-    elif d.partition == "dirichlet":
-        parts = partitioning.dirichlet(examples, d.num_clients, d.dirichlet_alpha, seed, min_size=d.min_client_size)
-    else:
-        parts = partitioning.iid(examples, d.num_clients, seed)
+    parts = _partition(cfg, examples)
     assigned = sum(len(p) for p in parts)
     if assigned < len(examples):
         log.info("the task partition (one task per client) leaves %d of %d rows unused: their tasks went to "
                  "no client", len(examples) - assigned, len(examples))
     clients = build_clients(
         parts, seed, val_frac=d.val_frac, test_frac=d.test_frac, aux_frac=d.aux_frac, aux_max=d.aux_max or None,
-        max_train=d.max_train or None, max_test=d.max_test or None,
+        max_train=d.max_train or None, max_val=d.max_val or None, max_test=d.max_test or None,
     )
     summary = data_summary(d.source, d.partition, len(examples), assigned, clients, tiers)
     if summary["rows_used"] < assigned:
@@ -113,9 +127,13 @@ def load_clients(cfg: Config, tiers: list[int]) -> tuple[list[ClientData], dict]
 
 
 class Setup:
-    """The frozen base model with its adapter, the clients and the method of one run."""
+    """The frozen base model with its adapter, the clients and the method of one run.
 
-    def __init__(self, cfg: Config):
+    clients: the clients this process serves (default: every client, built from cfg.data);
+    a Flower server passes none (it never loads client data), a site its own one.
+    """
+
+    def __init__(self, cfg: Config, clients: list[ClientData] | None = None):
         seed_everything(cfg.run.seed)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -123,7 +141,8 @@ class Setup:
         self.device = pick_device(cfg.run.device)
         self.autocast = pick_autocast(cfg.run.autocast, self.device)
         self.tiers = assign_tiers(cfg)
-        self.clients, self.data_summary = load_clients(cfg, self.tiers)  # data errors surface before the model loads
+        # data errors surface before the model loads
+        self.clients, self.data_summary = load_clients(cfg, self.tiers, clients)
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
         if model_kind(cfg.model.name) is None:  # a hub model: only now is it known whether it is sparse
             check_adapter_options(cfg, moe=is_moe_model(self.model))
@@ -135,6 +154,8 @@ class Setup:
         self.model.eval()  # injected layers start in training mode; the trainer switches modes itself
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
         self.method.set_protocol(eval_protocol(cfg))
+        if cfg.fed.robust == "trimmed_mean":
+            self.method.trim = cfg.fed.trim_fraction
         self.trainer = LocalTrainer(
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,
@@ -142,7 +163,8 @@ class Setup:
             optimizer=cfg.train.optimizer, eps=cfg.train.eps, lr_decay=cfg.train.lr_decay,
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
-        self.method.attach_clients(self.runtimes)
+        if self.runtimes:
+            self.method.attach_clients(self.runtimes)
 
     def _runtime(self, client: ClientData) -> ClientRuntime:
         d = self.cfg.data

@@ -1,26 +1,19 @@
-"""Greedy decoding and scoring for evaluation.
+"""Greedy decoding for evaluation.
 
 `greedy_generate` wraps transformers' `generate` with left padding, length
 bucketing and a generation config that pins plain greedy search, so a
 checkpoint's `generation_config.json` (temperature, repetition penalty, ...)
-cannot change what is measured. `lm_loss_choice` scores multiple-choice
-options by language-model loss.
+cannot change what is measured. Options are scored by `evaluation.choice`;
+`evaluation.predict` puts the two together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
-
-from fedmole.data.types import Example
-from fedmole.evaluation.metrics import score
-
-log = logging.getLogger(__name__)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -119,7 +112,7 @@ def greedy_generate(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="generate", unit="batch", leave=False)
+        batches = tqdm(batches, desc="generate", unit="batch")
 
     results: list[list[int]] = [[] for _ in prompts]
     with _eval_mode(model), torch.inference_mode(), _autocast(device, autocast_dtype):
@@ -134,8 +127,6 @@ def greedy_generate(
             new_tokens = out[:, input_ids.shape[1] :].tolist()
             for i, toks in zip(idx, new_tokens):
                 results[i] = _cut_at_eos(toks, eos)
-            log.debug("generated batch %d/%d (%d prompts)", start // batch_size + 1,
-                      -(-len(order) // batch_size), len(idx))
     return results
 
 
@@ -150,71 +141,3 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     elif gen_eos is not None:
         ids.update(gen_eos)
     return ids
-
-
-def evaluate_generation(
-    model: torch.nn.Module,
-    tokenizer,
-    examples: list[Example],
-    encode_prompt_fn: Callable[[Example], list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> dict:
-    """Generate for every example and score against its references (`progress`: a bar per batch).
-
-    Returns {"rouge_l", "exact_match", "n", "predictions"}, predictions in
-    the order of `examples`.
-    """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs = greedy_generate(
-        model,
-        [encode_prompt_fn(ex) for ex in examples],
-        pad_id=pad_id,
-        eos_ids=stop_token_ids(model, tokenizer),
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        autocast_dtype=autocast_dtype,
-        progress=progress,
-    )
-    predictions = [tokenizer.decode(toks, skip_special_tokens=True).strip() for toks in outputs]
-    result = score(predictions, [ex.outputs for ex in examples])
-    result["predictions"] = predictions
-    return result
-
-
-def lm_loss_choice(
-    model: torch.nn.Module,
-    tokenizer,
-    prompt_ids: list[int],
-    options: list[list[int]],
-) -> int:
-    """Index of the option whose tokens have the lowest mean LM loss after the prompt.
-
-    All options run as one right-padded batch (B = len(options)).
-    """
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty; the first option token needs a context to be predicted from")
-    if not options or any(len(o) == 0 for o in options):
-        raise ValueError("options must be a non-empty list of non-empty token-id lists")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs = [prompt_ids + opt for opt in options]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for row, (seq, opt) in enumerate(zip(seqs, options)):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention_mask[row, : len(seq)] = 1
-        labels[row, len(prompt_ids) : len(seq)] = torch.tensor(opt)
-    device = _device(model)
-    with _eval_mode(model), torch.inference_mode():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    targets = labels[:, 1:].to(device)  # (B, T-1)
-    token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    mask = targets != -100
-    mean_loss = (token_loss * mask).sum(dim=1) / mask.sum(dim=1)  # (B,)
-    return int(mean_loss.argmin().item())

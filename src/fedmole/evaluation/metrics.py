@@ -1,7 +1,11 @@
-"""Text-generation metrics: ROUGE-L F (rouge-score, stemmed, x100) and exact match.
+"""Per-example metrics: ROUGE-L F (rouge-score, stemmed, x100), exact match,
+and accuracy for examples with answer options.
 
-Both take one prediction and every reference answer of an example and keep
+Each takes one prediction and every reference answer of an example and keeps
 the best match, the usual protocol for Natural Instructions style data.
+Accuracy is exact match under another name: it is reported only for examples
+whose prediction was chosen among options, where it is the classification
+accuracy.
 """
 
 from __future__ import annotations
@@ -57,6 +61,14 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
     _check_references(references)
     pred = normalize_answer(prediction)
     return 100.0 if any(pred == normalize_answer(ref) for ref in references) else 0.0
+
+
+def example_scores(prediction: str, references: Sequence[str], has_options: bool) -> dict[str, float]:
+    """{"rouge_l", "exact_match"} of one prediction, plus "accuracy" when it was chosen among options."""
+    out = {"rouge_l": rouge_l(prediction, references), "exact_match": exact_match(prediction, references)}
+    if has_options:
+        out["accuracy"] = out["exact_match"]
+    return out
 
 
 def score(predictions: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict[str, float | int]:

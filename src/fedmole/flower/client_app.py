@@ -1,16 +1,26 @@
 """The fedmole ClientApp: one fedmole client per Flower node.
 
-Every message carries the run's resolved config; a process builds the `Setup`
-(base model, adapter, method, client data) once per config and reuses it for
-every message and every virtual node it serves. What a client must remember
-between rounds (its `ClientRuntime.store`: optimizer moments, FedAMoLE's
-personal experts; and its `TrainBatches` position) lives in the node's
-`context.state`, so a ClientApp rebuilt for each message continues exactly
-where the client stopped.
+Every message carries the run's resolved config. A node's data comes from one
+of two places:
 
-    train      Instruction -> Method.client_update -> Reply
+- its own site (node config `data-path`, and optionally `data-format`,
+  `split-seed`, `name`; see `fedmole.data.sites`): the node builds its one
+  client from that file and never needs another site's data;
+- otherwise the config's `[data]` section, from which the node rebuilds every
+  client (the Simulation Engine, the embedded data sets) and serves the one
+  it is asked for.
+
+A process builds the `Setup` (base model, adapter, method, its clients) once
+per config and data source and reuses it for every message and every virtual
+node it serves. What a client must remember between rounds (its
+`ClientRuntime.store`: optimizer moments, FedAMoLE's personal experts; and its
+`TrainBatches` position) lives in the node's `context.state`, so a ClientApp
+rebuilt for each message continues exactly where the client stopped.
+
+    train      Instruction -> Method.client_update (within fed.client_timeout) -> Reply
     evaluate   global state -> Method.eval_view -> test metrics (evaluate_client)
-    query      the node's declared partition-id and tier (node config)
+    query      "node-config": the node's declared partition-id and tier;
+               "describe": its client's name and training / test example counts
 """
 
 from __future__ import annotations
@@ -19,44 +29,94 @@ import copy
 import logging
 import time
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmole.algorithms.base import ClientRuntime, client_seed
+from fedmole.algorithms import METHODS, Method
+from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
+from fedmole.data.sites import NODE_KEYS, node_site
+from fedmole.data.types import ClientData
+from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.local import evaluate_client
-from fedmole.engine.setup import Setup
+from fedmole.engine.setup import Setup, build_client_data
 from fedmole.flower import serde
 
 log = logging.getLogger("fedmole")
+if not log.handlers and not logging.getLogger().handlers:  # a ClientApp process configures no logging for us
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
-_SETUPS: OrderedDict[str, tuple[Setup, dict[int, dict]]] = OrderedDict()  # config sha -> (setup, initial batches)
-_KEEP = 1  # setups kept per process (each holds a base model)
+_KEEP = 1  # setups (and client data sets) kept per process: each setup holds a base model
+_SETUPS: OrderedDict[tuple, tuple[Setup, dict[int, dict]]] = OrderedDict()  # key -> (setup, initial batches)
+_DATA: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (config, clients)
 
 app = ClientApp()
 
 
-def cached_setup(content: RecordDict) -> tuple[Setup, dict[int, dict]]:
-    """The Setup for the config this message carries, built once per process."""
+def _remember(cache: OrderedDict, key, build):
+    if key not in cache:
+        while len(cache) >= _KEEP:
+            cache.popitem(last=False)
+        cache[key] = build()
+    cache.move_to_end(key)
+    return cache[key]
+
+
+def node_clients(content: RecordDict, context: Context, client_id: int) -> tuple[tuple, object, list[ClientData]]:
+    """(cache key, config, the clients this node can serve) for a message about `client_id`."""
     text, sha = serde.read_config_record(content)
-    if sha not in _SETUPS:
-        while len(_SETUPS) >= _KEEP:
-            _SETUPS.popitem(last=False)
-        setup = Setup(serde.config_from_text(text))
-        initial = {rt.client_id: copy.deepcopy(rt.batches.state_dict()) for rt in setup.runtimes}
-        _SETUPS[sha] = (setup, initial)
-    _SETUPS.move_to_end(sha)
-    return _SETUPS[sha]
+    nc = context.node_config
+    if "data-path" in nc:
+        declared = int(nc.get("partition-id", -1))
+        if declared >= 0 and declared != client_id:
+            raise ValueError(f"this site holds the data of client {declared} (partition-id), not of client {client_id}")
+        key = (sha, client_id, tuple((k, str(nc[k])) for k in NODE_KEYS if k in nc))
+    else:
+        key = (sha,)
+
+    def build():
+        cfg = serde.config_from_text(text)
+        site = node_site(cfg, nc, client_id)
+        if site is None:
+            return cfg, build_client_data(cfg)
+        if METHODS[cfg.run.method].attach_clients is not Method.attach_clients:
+            raise ValueError(f"{cfg.run.method} needs every client's data in one place; a site holds only its own")
+        log.info("site data of client %d from %s: %d training, %d test examples", client_id, nc["data-path"],
+                 len(site.train), len(site.test))
+        return cfg, [site]
+
+    cfg, clients = _remember(_DATA, key, build)
+    return key, cfg, clients
+
+
+def cached_setup(content: RecordDict, context: Context, client_id: int) -> tuple[Setup, dict[int, dict]]:
+    """The Setup for the config and data source of this message, built once per process."""
+    key, cfg, clients = node_clients(content, context, client_id)
+
+    def build():
+        setup = Setup(cfg, clients=clients)
+        return setup, {rt.client_id: copy.deepcopy(rt.batches.state_dict()) for rt in setup.runtimes}
+
+    return _remember(_SETUPS, key, build)
+
+
+def _runtime(runtimes: list[ClientRuntime], client_id: int) -> ClientRuntime:
+    for rt in runtimes:
+        if rt.client_id == client_id:
+            return rt
+    raise ValueError(f"this node has no client {client_id} (it serves {[rt.client_id for rt in runtimes]})")
 
 
 def restore(content: RecordDict, context: Context, client_id: int) -> tuple[Setup, ClientRuntime]:
     """This node's client runtime with the state its previous rounds left in `context.state`."""
-    setup, initial = cached_setup(content)
-    if not 0 <= client_id < len(setup.runtimes):
-        raise ValueError(f"client id {client_id} outside 0..{len(setup.runtimes) - 1} (data.num_clients)")
-    rt = setup.runtimes[client_id]
+    setup, initial = cached_setup(content, context, client_id)
+    rt = _runtime(setup.runtimes, client_id)
     saved = serde.load_client_state(context.state)
     if saved is not None and saved["client_id"] != client_id:
         raise ValueError(f"this node served client {saved['client_id']} before, now asked for client {client_id}")
@@ -71,7 +131,8 @@ def restore(content: RecordDict, context: Context, client_id: int) -> tuple[Setu
 
 def _failed(message: Message, what: str, e: Exception) -> Message:
     log.warning("%s failed: %r", what, e)
-    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=f"exception: {e!r}"), reply_to=message)
+    reason = str(e) if isinstance(e, ClientTimeout) else f"exception: {e!r}"
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
 
 
 @app.train()
@@ -81,7 +142,9 @@ def train(message: Message, context: Context) -> Message:
         setup, rt = restore(message.content, context, instruction.client_id)
         torch.manual_seed(client_seed(setup.cfg.run.seed, instruction.round, rt.client_id))
         t0 = time.perf_counter()
-        reply = setup.method.client_update(rt, instruction)
+        # the node holds fed.client_timeout on its own update too (engine/deadline.py), so a stuck
+        # update does not hold a simulation actor that other virtual nodes are waiting for
+        reply = run_client(setup, rt, partial(timed_update, setup.method), instruction, setup.cfg.fed.client_timeout)
         reply.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
         serde.save_client_state(context.state, {
             "client_id": rt.client_id, "store": rt.store, "batches": rt.batches.state_dict(),
@@ -104,7 +167,20 @@ def evaluate(message: Message, context: Context) -> Message:
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    """The node's `partition-id` and `tier` from its node config (-1 / 0 when not set)."""
-    nc = context.node_config
-    node = ConfigRecord({"partition-id": int(nc.get("partition-id", -1)), "tier": int(nc.get("tier", 0))})
-    return Message(RecordDict({"node": node}), reply_to=message)
+    """"node-config": the node's `partition-id` and `tier` from its node config (-1 / 0 when not set);
+    "describe": name and training / test example counts of the client the server assigned it."""
+    try:
+        ask = message.content["query"]["ask"]
+        if ask == "describe":
+            client_id = int(message.content["query"]["client-id"])
+            _, _, clients = node_clients(message.content, context, client_id)
+            data = {c.client_id: c for c in clients}.get(client_id)
+            if data is None:
+                raise ValueError(f"this node has no client {client_id}")
+            return Message(RecordDict({"client": ConfigRecord({
+                "name": data.name, "train": len(data.train), "test": len(data.test)})}), reply_to=message)
+        nc = context.node_config
+        node = ConfigRecord({"partition-id": int(nc.get("partition-id", -1)), "tier": int(nc.get("tier", 0))})
+        return Message(RecordDict({"node": node}), reply_to=message)
+    except Exception as e:
+        return _failed(message, "query", e)

@@ -14,24 +14,30 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run --run-confi
     overrides      fedmole `key=value` overrides, space separated (shell quoting)
     out            run directory ("" = run.out_dir/METHOD-TIMESTAMP)
     node-wait      seconds to wait for data.num_clients nodes to connect
-    round-timeout  seconds to wait for the replies of one round (0 = until every node replied)
+    every fedmole option, keyed as in `key=value` overrides ([run] keys bare:
+    `rounds`, `method`; the others SECTION.KEY: `fed.tiers`, `flame.t`); "" keeps
+    the value of `config`. Flower's run config holds only numbers, booleans and
+    strings, so lists and strings go in quotes: --run-config "rounds=5 fed.tiers='[4,2]'"
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from fedmole.config import Config, ConfigError, assign_tiers, load_config
-from fedmole.engine.local import LocalEngine, summarise
+from fedmole.config import Config, ConfigError, assign_tiers, describe, load_config
+from fedmole.engine.guard import ClientInfo, admit_eval
+from fedmole.engine.local import LocalEngine, ResumeError, summarise
+from fedmole.engine.setup import Setup
 from fedmole.flower import serde
-from fedmole.flower.strategy import FedmoleStrategy, discover_nodes
+from fedmole.flower.strategy import FedmoleStrategy, describe_clients, discover_nodes
 from fedmole.messages import Instruction, Reply, State
 from fedmole.reporting.rundir import new_run_dir
 
@@ -41,52 +47,63 @@ log = logging.getLogger("fedmole")
 class FlowerEngine(LocalEngine):
     """LocalEngine whose clients live on Flower nodes reached through `grid`."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, grid: Grid, strategy: FedmoleStrategy, name: str):
+    def __init__(self, cfg: Config, run_dir: str | Path, grid: Grid, strategy: FedmoleStrategy, name: str,
+                 clients: dict[int, ClientInfo]):
         self.name = name  # "flower-sim" (Simulation Engine) or "flower" (Deployment Engine)
+        self.declared = dict(clients)  # what each client's node declared about its data (describe_clients)
         super().__init__(cfg, run_dir)
         self.grid = grid
         self.strategy = strategy
 
+    def make_setup(self, cfg: Config) -> Setup:
+        return Setup(cfg, clients=[])  # the server never loads client data; the nodes hold it
+
+    def client_infos(self) -> dict[int, ClientInfo]:
+        return self.declared
+
     def run(self, resume: bool = False) -> dict:
         if resume:
-            raise RuntimeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
-                               "lived in its node's context, which ended with the run; start a new run")
+            raise ResumeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
+                              "lived in its node's context, which ended with the run; start a new run")
         return super().run()
 
-    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
+    def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[dict[int, Message], dict[int, str]]:
         replies, failures = self.strategy.train(self.grid, instructions)
         for c, why in failures.items():
             log.warning("round %d: client %d failed: %s", rnd, c, why)
-        limit = self.cfg.fed.client_timeout
-        on_time = []
-        for reply in replies:  # the local engine's deadline, on the node's own clock
-            seconds = float(reply.metrics.get("seconds", 0.0))
-            if limit and seconds > limit:
-                log.warning("round %d: client %d took %.1f s > fed.client_timeout", rnd, reply.client_id, seconds)
-                failures[reply.client_id] = f"timeout: {seconds:.1f} s > fed.client_timeout = {limit} s"
-            else:
-                on_time.append(reply)
-        return on_time, failures
+        return replies, failures
+
+    def decode(self, raw: Message) -> Reply:
+        return serde.read_reply(raw.content)
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
-        clients = [rt.client_id for rt in self.setup.runtimes]
-        per_client, failures = self.strategy.evaluate(self.grid, rnd, global_state, clients)
+        """Federated evaluation: each node scores its own test split; the server checks each result
+        (engine/guard.py) and keys it by the client it asked, with the tier it assigned."""
+        clients = list(range(self.cfg.data.num_clients))
+        state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
+        replies, failures = self.strategy.evaluate(self.grid, rnd, state, clients)
+        per_client = {}
+        for c, msg in replies.items():
+            metrics, why = admit_eval(lambda: serde.read_result(msg.content)[1], c, self.limits)
+            if why:
+                failures[c] = why
+            else:
+                per_client[self.client_name(c)] = {"client_id": c, "tier": self.method.tiers[c], **metrics}
         for c, why in failures.items():
             log.warning("evaluation (round %d): client %d failed: %s", rnd, c, why)
         if not per_client:
-            raise RuntimeError(f"evaluation of round {rnd}: no node returned metrics; reasons: {failures}")
-        return summarise(per_client)
+            raise RuntimeError(f"evaluation of round {rnd}: no node returned acceptable metrics; reasons: {failures}")
+        evaluation = summarise(per_client)
+        evaluation["missing"] = {str(c): failures[c] for c in sorted(failures)}
+        return evaluation
 
     def payload_bytes(self, instructions: list[Instruction], replies: list[Reply]) -> tuple[int, int]:
         dtype = self.strategy.payload_dtype
         return (sum(serde.payload_nbytes(i.state, dtype) for i in instructions),
                 sum(serde.reply_payload_nbytes(r, dtype) for r in replies))
 
-    def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
-        # Client state lives on the nodes; the checkpoint keeps the server's half.
-        meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "before": before,
-                "comm": comm, "seconds": seconds, "engine": self.name}
-        self.out.checkpoint(rnd, global_state, self.method.state_dict(), {}, meta)
+    def client_states(self) -> dict:
+        return {}  # client state lives on the nodes; the checkpoint keeps the server's half
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -105,35 +122,60 @@ def with_node_tiers(cfg: Config, declared: dict[int, int | None]) -> Config:
     if resolved == tiers:
         return cfg
     log.info("tiers from the nodes' config: %s (config gave %s)", resolved, tiers)
-    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]"])
+    return serde.config_from_text(serde.config_to_text(cfg), [f"fed.tiers={resolved}", "fed.tier_proportions=[]",
+                                                              "fed.tier_assignment=fixed"])  # already resolved
 
 
-def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0,
-          round_timeout: float | None = None) -> dict:
+def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0) -> dict:
     """Run one fedmole job over `grid` and write its run directory; return the summary."""
     name = "flower-sim" if is_simulation(grid) else "flower"
     nodes = discover_nodes(grid, cfg.data.num_clients, node_wait)
     cfg = with_node_tiers(cfg, {c: tier for c, (_, tier) in nodes.items()})
     if name == "flower-sim":
         cfg.run.engine = name
-    strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, serde.config_to_text(cfg),
-                               cfg.run.payload_dtype, round_timeout)
+    text = serde.config_to_text(cfg)
+    clients = describe_clients(grid, {c: n for c, (n, _) in nodes.items()}, text, node_wait)
+    strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, text, cfg.run.payload_dtype,
+                               cfg.fed.round_timeout, cfg.fed.client_timeout)
     log.info("%s: %d clients on nodes %s, payload %s", name, len(nodes), strategy.nodes, cfg.run.payload_dtype)
-    return FlowerEngine(cfg, run_dir, grid, strategy, name).run()
+    return FlowerEngine(cfg, run_dir, grid, strategy, name, clients).run()
 
 
 def make_server_app(cfg: Config, run_dir: str | Path, *, on_summary: Callable[[dict], None] | None = None,
-                    node_wait: float = 120.0, round_timeout: float | None = None) -> ServerApp:
+                    node_wait: float = 120.0) -> ServerApp:
     """A ServerApp for one already loaded config (the Simulation Engine entry uses it)."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = serve(grid, cfg, run_dir, node_wait=node_wait, round_timeout=round_timeout)
+        summary = serve(grid, cfg, run_dir, node_wait=node_wait)
         if on_summary is not None:
             on_summary(summary)
 
     return server
+
+
+APP_KEYS = ("config", "overrides", "out", "node-wait")  # run-config keys of the ServerApp itself
+
+
+def option_keys() -> list[str]:
+    """Every fedmole option as a run-config key: [run] options bare, the others SECTION.KEY."""
+    keys = [line.split(" = ", 1)[0] for line in describe()]
+    return [k.removeprefix("run.") for k in keys]
+
+
+def run_config_overrides(run_config: dict) -> list[str]:
+    """fedmole `key=value` overrides from the fedmole keys of a Flower run config that are set (not "")."""
+    known = set(option_keys())
+    unknown = sorted(k for k in run_config if k not in known and k not in APP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown run-config key {unknown[0]!r}; allowed: {', '.join(APP_KEYS)} and the "
+                          "fedmole options (`fedmole config`, [run] keys without `run.`)")
+    out = []
+    for key, value in run_config.items():
+        if key in known and value != "":
+            out.append(f"{key}={json.dumps(value) if isinstance(value, bool) else value}")
+    return out
 
 
 def _find_config(path: str) -> Path:
@@ -159,9 +201,9 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     rc = context.run_config
-    cfg = load_config(_find_config(str(rc["config"])), shlex.split(str(rc.get("overrides", ""))))
+    overrides = [*shlex.split(str(rc.get("overrides", ""))), *run_config_overrides(rc)]
+    cfg = load_config(_find_config(str(rc["config"])), overrides)
     out = str(rc.get("out", "")) or new_run_dir(cfg.run.out_dir, cfg.run.method)
-    summary = serve(grid, cfg, out, node_wait=float(rc.get("node-wait", 120.0)),
-                    round_timeout=float(rc.get("round-timeout", 0.0)) or None)
+    summary = serve(grid, cfg, out, node_wait=float(rc.get("node-wait", 120.0)))
     log.info("run directory %s: %s after %d rounds, final state sha256 %s", out, summary["metrics"],
              summary["rounds"], summary["final_state_sha256"][:16])

@@ -5,24 +5,37 @@ runs in this process, the ClientApps in Ray actors. By default each actor
 claims every CPU, so clients train one after another with all cores, as on the
 local engine (which is also what keeps results bit-identical to it: the
 actors run torch with the same thread count).
+
+Nothing listens beyond loopback: Ray runs in its single-machine mode (every
+Ray server, the GCS, raylet, workers, the runtime-env agent and the driver,
+binds 127.0.0.1; without it they listen on every interface, unauthenticated)
+and without its dashboard.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from fedmole.config import Config, ConfigError
 
 
-def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False, cpus_per_client: int | None = None,
-                   round_timeout: float | None = None) -> dict:
-    """Run `cfg` on the Simulation Engine, write `run_dir`, return the summary."""
+def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False,
+                   cpus_per_client: int | None = None, client_app=None) -> dict:
+    """Run `cfg` on the Simulation Engine, write `run_dir`, return the summary.
+
+    client_app: the ClientApp the virtual nodes run (fedmole's by default; a wrapper of it
+    must live in an importable module, since Ray ships it to the actors by reference).
+    """
     if resume:
-        raise RuntimeError("a flower-sim run cannot be resumed: each client's optimizer state and batch position "
-                           "lived in its virtual node's context, which ended with the run; start a new run")
+        from fedmole.engine.local import ResumeError
+
+        raise ResumeError("a flower-sim run cannot be resumed: each client's optimizer state and batch position "
+                          "lived in its virtual node's context, which ended with the run; start a new run")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU actors; silences a Ray notice
+    loopback_ray()
     logging.getLogger("flwr").propagate = False  # flwr prints through its own handler; no duplicates
     try:
         from flwr.simulation import run_simulation
@@ -30,20 +43,38 @@ def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False, cp
         raise ConfigError(f"run.engine = 'flower-sim' needs Flower ({e}); install it with "
                           "pip install -e '.[flower]'") from None
 
-    from fedmole.flower.client_app import app as client_app
     from fedmole.flower.server_app import make_server_app
+
+    if client_app is None:
+        from fedmole.flower.client_app import app as client_app
 
     cpus = os.cpu_count() or 1
     summary: dict = {}
     run_simulation(
-        server_app=make_server_app(cfg, run_dir, on_summary=summary.update, round_timeout=round_timeout),
+        server_app=make_server_app(cfg, run_dir, on_summary=summary.update),
         client_app=client_app,
         num_supernodes=cfg.data.num_clients,
         backend_config={
             "client_resources": {"num_cpus": cpus_per_client or cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": cpus, "num_gpus": 0},
+            "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+                          "_node_ip_address": "127.0.0.1"},
         },
     )
     if not summary:
         raise RuntimeError("the Flower simulation ended without a summary; its log above says why")
     return summary
+
+
+def loopback_ray() -> None:
+    """Make the Ray started for the simulation bind every server to loopback.
+
+    Ray's single-machine mode (its default on macOS and Windows) resolves the node
+    address to 127.0.0.1 and binds there; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` turns it
+    on for Linux too. Ray reads it when imported, in each of its processes (which inherit
+    the environment) and in this one; if Ray was imported here before, its already-read
+    constant is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False

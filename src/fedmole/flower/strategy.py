@@ -2,12 +2,13 @@
 
 `FedmoleStrategy` turns the Instructions a fedmole `Method` made for this round
 into one Flower message per node (each node gets its own payload: its tier,
-its subset of experts), and the nodes' reply messages back into `Reply`s, with
-Flower error replies, missing and malformed replies turned into rejection
-reasons. It holds cross-round state only (the client -> node map, the payload
-dtype, the resolved config the nodes build their clients from); the round loop,
-reply checks (`Method.check`) and aggregation (`Method.aggregate`) stay in
-`fedmole.engine.local.LocalEngine.run`, which `FlowerEngine` reuses unchanged.
+its subset of experts), and matches the reply messages to the messages they
+answer, with Flower error replies and missing replies turned into rejection
+reasons. Decoding and checking a reply happen in `fedmole.engine.guard`, the
+one trust boundary of every engine. The strategy holds cross-round state only
+(the client -> node map, the payload dtype, the resolved config the nodes
+build their clients from); the round loop, reply checks and aggregation stay
+in `fedmole.engine.local.LocalEngine.run`, which `FlowerEngine` reuses unchanged.
 
 It does not subclass `flwr.serverapp.strategy.Strategy`: that class's `start`
 loop broadcasts one ArrayRecord to sampled nodes and aggregates inside the
@@ -19,15 +20,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedmole.algorithms.validate import MAX_EXAMPLES, is_int
+from fedmole.engine.guard import ClientInfo
 from fedmole.flower import serde
-from fedmole.messages import Instruction, Reply, State
+from fedmole.messages import Instruction, State
 
 log = logging.getLogger("fedmole")
+
+NODE_ALLOWANCE = 60.0  # seconds a node may need beyond its update: starting a ClientApp, building its Setup
 
 
 def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[int, tuple[int, int | None]]:
@@ -44,14 +50,20 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
             raise RuntimeError(f"only {len(node_ids)} of the {num_clients} nodes (data.num_clients) connected "
                                f"within {wait_s:.0f} s")
         time.sleep(0.2)
-    query = [Message(RecordDict({"fedmole": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
+    query = [Message(RecordDict({"query": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
                      message_type=MessageType.QUERY) for n in node_ids]
     declared: dict[int, tuple[int, int]] = {}  # node -> (partition id, tier), -1 / 0 when not given
     for reply in grid.send_and_receive(query, timeout=wait_s):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
-        node = reply.content["node"]
-        declared[reply.metadata.src_node_id] = (int(node["partition-id"]), int(node["tier"]))
+        try:
+            node = reply.content["node"]
+            partition, tier = node["partition-id"], node["tier"]
+            if not (is_int(partition) and is_int(tier)):
+                raise TypeError(f"partition-id {partition!r}, tier {tier!r}")
+        except Exception as e:  # noqa: BLE001 - a node that cannot say who it is does not join
+            raise RuntimeError(f"node {reply.metadata.src_node_id} sent a malformed node config: {e!r}") from None
+        declared[reply.metadata.src_node_id] = (partition, tier)
     if len(declared) < len(node_ids):
         raise RuntimeError(f"{len(node_ids) - len(declared)} node(s) did not answer the node-config query")
 
@@ -77,17 +89,55 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
     return {c: (n, declared[n][1] if declared[n][1] > 0 else None) for c, n in chosen.items()}
 
 
+def describe_clients(grid: Grid, nodes: dict[int, int], config_text: str, wait_s: float = 120.0
+                     ) -> dict[int, ClientInfo]:
+    """Client id -> what its node declares about its data when the run starts: name, training and
+    test example counts. These bound what the node's replies may claim later (engine/guard.py);
+    a repeated or unusable name becomes "clientN", as `build_clients` names clients."""
+    sent = [Message(RecordDict({"query": ConfigRecord({"ask": "describe", "client-id": c}),
+                                "fedmole": serde.config_record(config_text)}),
+                    dst_node_id=n, message_type=MessageType.QUERY) for c, n in nodes.items()]
+    got, failures = FedmoleStrategy.match(sent, list(nodes), grid.send_and_receive(sent, timeout=wait_s), wait_s)
+    if failures:
+        raise RuntimeError(f"nodes could not describe their clients' data: {failures}")
+    infos = {}
+    for c, msg in got.items():
+        try:
+            rec = msg.content["client"]
+            name, train, test = rec["name"], rec["train"], rec["test"]
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(f"the node of client {c} described its data in a malformed message: {e!r}") from None
+        if not (is_int(train) and 1 <= train <= MAX_EXAMPLES and is_int(test) and 0 <= test <= MAX_EXAMPLES):
+            raise RuntimeError(f"the node of client {c} declares {train!r} training and {test!r} test examples; "
+                               f"allowed: integers in 1..{MAX_EXAMPLES} and 0..{MAX_EXAMPLES}")
+        name = name.strip() if isinstance(name, str) else ""
+        infos[c] = ClientInfo(name if name.isprintable() and len(name) <= 100 else "", train, test)
+    names = Counter(i.name for i in infos.values())
+    return {c: ClientInfo(i.name if i.name and names[i.name] == 1 else f"client{c}", i.train, i.test)
+            for c, i in sorted(infos.items())}
+
+
 class FedmoleStrategy:
     """Per-node fedmole messages over a Flower Grid (see the module docstring)."""
 
     def __init__(self, nodes: dict[int, int], config_text: str, payload_dtype: str = "float32",
-                 round_timeout: float | None = None):
+                 round_timeout: float = 0.0, client_timeout: float = 0.0):
         serde.wire_dtype(payload_dtype)  # fail early on an unknown dtype
         self.nodes = dict(nodes)  # client id -> node id
-        self.clients = {n: c for c, n in nodes.items()}
         self.config_text = config_text
         self.payload_dtype = payload_dtype
-        self.round_timeout = round_timeout or None  # 0 = wait for every reply
+        self.round_timeout = round_timeout  # fed.round_timeout (0 = derived, see train_deadline)
+        self.client_timeout = client_timeout  # fed.client_timeout (each node also holds it on its own update)
+
+    def train_deadline(self, clients: int) -> float | None:
+        """Seconds the server waits for a training round of `clients` replies, by its own clock:
+        fed.round_timeout, else enough for the clients' updates one after another (as one
+        simulation actor runs them) plus NODE_ALLOWANCE, else no limit."""
+        if self.round_timeout:
+            return self.round_timeout
+        if self.client_timeout:
+            return self.client_timeout * clients + NODE_ALLOWANCE
+        return None
 
     # -- train ----------------------------------------------------------------------
     def configure_train(self, instructions: Iterable[Instruction]) -> list[Message]:
@@ -98,25 +148,13 @@ class FedmoleStrategy:
             for i in instructions
         ]
 
-    def receive_train(self, expected: list[int], replies: Iterable[Message]) -> tuple[list[Reply], dict[int, str]]:
-        """Replies in the order of `expected` client ids, and why the others are missing."""
-        got, failures = self._sort(expected, replies)
-        out = []
-        for c, msg in got.items():
-            try:
-                reply = serde.read_reply(msg.content)
-            except (serde.RecordError, KeyError, ValueError, TypeError) as e:
-                failures[c] = f"malformed reply: {e}"
-                continue
-            if reply.client_id != c:
-                failures[c] = f"reply from the node of client {c} claims client {reply.client_id}"
-                continue
-            out.append(reply)
-        return out, failures
-
-    def train(self, grid: Grid, instructions: list[Instruction]) -> tuple[list[Reply], dict[int, str]]:
-        replies = grid.send_and_receive(self.configure_train(instructions), timeout=self.round_timeout)
-        return self.receive_train([i.client_id for i in instructions], replies)
+    def train(self, grid: Grid, instructions: list[Instruction]) -> tuple[dict[int, Message], dict[int, str]]:
+        """Each client's reply message (undecoded; `engine/guard.py` decodes and checks it) and why
+        the others have none."""
+        messages = self.configure_train(instructions)
+        deadline = self.train_deadline(len(messages))
+        replies = grid.send_and_receive(messages, timeout=deadline)
+        return self.match(messages, [i.client_id for i in instructions], replies, deadline)
 
     # -- evaluate -------------------------------------------------------------------
     def configure_evaluate(self, rnd: int, global_state: State, client_ids: Iterable[int]) -> list[Message]:
@@ -130,36 +168,39 @@ class FedmoleStrategy:
         ]
 
     def evaluate(self, grid: Grid, rnd: int, global_state: State,
-                 client_ids: list[int]) -> tuple[dict[str, dict], dict[int, str]]:
-        """Per-client metrics keyed by client name, in client id order, and the failures."""
-        replies = grid.send_and_receive(self.configure_evaluate(rnd, global_state, client_ids),
-                                        timeout=self.round_timeout)
-        got, failures = self._sort(client_ids, replies)
-        per_client = {}
-        for c, msg in got.items():
-            try:
-                name, result = serde.read_result(msg.content)
-            except (serde.RecordError, KeyError, ValueError, TypeError) as e:
-                failures[c] = f"malformed evaluation: {e}"
-                continue
-            per_client[name] = result
-        return per_client, failures
+                 client_ids: list[int]) -> tuple[dict[int, Message], dict[int, str]]:
+        """Each client's evaluation reply message (undecoded) and why the others have none."""
+        messages = self.configure_evaluate(rnd, global_state, client_ids)
+        deadline = self.round_timeout or None  # generation time is not bounded by fed.client_timeout
+        replies = grid.send_and_receive(messages, timeout=deadline)
+        return self.match(messages, list(client_ids), replies, deadline)
 
     # -- replies ----------------------------------------------------------------------
-    def _sort(self, expected: list[int], replies: Iterable[Message]) -> tuple[dict[int, Message], dict[int, str]]:
-        """Good reply messages by client id (in `expected` order) and the reasons for the rest."""
-        by_client: dict[int, Message] = {}
+    @staticmethod
+    def match(sent: list[Message], clients: list[int], replies: Iterable[Message], timeout: float | None = None
+              ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Good reply messages by client (in `clients` order), and the reasons for the rest.
+
+        A reply belongs to the message it answers (`reply_to_message_id`), not to the node
+        it names: error replies the SuperLink makes for a node that went away carry the
+        SuperLink's id, and a node may only answer its own messages.
+        """
+        asked = {m.metadata.message_id: (c, m.metadata.dst_node_id) for m, c in zip(sent, clients)}
+        got: dict[int, Message] = {}
         failures: dict[int, str] = {}
         for msg in replies:
-            c = self.clients.get(msg.metadata.src_node_id)
-            if c is None or c not in expected:
-                log.warning("ignoring a reply from node %d, which was not asked", msg.metadata.src_node_id)
+            c, node = asked.get(msg.metadata.reply_to_message_id, (None, None))
+            if c is None or c in got or c in failures:
+                log.warning("ignoring a reply from node %d to no message of this round (or a second reply)",
+                            msg.metadata.src_node_id)
                 continue
             if msg.has_error():
                 failures[c] = msg.error.reason or f"node error (code {msg.error.code})"
+            elif msg.metadata.src_node_id != node:
+                failures[c] = f"reply from node {msg.metadata.src_node_id} to the message sent to node {node}"
             else:
-                by_client[c] = msg
-        for c in expected:
-            if c not in by_client and c not in failures:
-                failures[c] = f"no reply within {self.round_timeout} s"
-        return {c: by_client[c] for c in expected if c in by_client}, failures
+                got[c] = msg
+        for c in clients:
+            if c not in got and c not in failures:
+                failures[c] = f"no reply within the server's deadline of {timeout:g} s" if timeout else "no reply"
+        return {c: got[c] for c in clients if c in got}, failures

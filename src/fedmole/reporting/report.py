@@ -1,9 +1,12 @@
 """Markdown report and plots for one run directory.
 
 Reads `metrics.jsonl` (one record per round) and `summary.json`, writes
-`report.md`, `plot_metric.png` and, when the summary has expert usage,
-`plot_expert_usage.png`. Every field beyond the round number is optional:
-a run that stopped early, or a method without experts, still gets a report.
+`report.md` (summary, per tier, per client, the tier x client matrix of a
+cross-tier evaluation, compute per tier, per round, cost), `plot_metric.png`
+(ROUGE-L at the evaluated rounds, train loss at every round) and, when the
+summary has expert usage, `plot_expert_usage.png`. Every field beyond the
+round number is optional: a run that stopped early, or a method without
+experts, still gets a report.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ METRIC_PLOT = "plot_metric.png"
 USAGE_PLOT = "plot_expert_usage.png"
 
 # Per-round columns shown first, in this order; other scalar fields follow.
-_ROUND_COLUMNS = ("round", "train_loss", "rouge_l", "exact_match", "comm_bytes_up", "comm_bytes_down", "seconds")
+_ROUND_COLUMNS = ("round", "train_loss", "rouge_l", "exact_match", "accuracy", "comm_bytes_up", "comm_bytes_down",
+                  "seconds")
 _BYTE_FIELDS = {"comm_bytes_up", "comm_bytes_down"}
 _SCORE_FIELDS = {"rouge_l", "exact_match", "accuracy"}  # 0-100 scores, always two decimals
 
@@ -134,20 +138,70 @@ def _rounds_section(rounds: list[dict]) -> list[str]:
 def _tier_section(per_tier: dict) -> list[str]:
     if not per_tier:
         return []
+    metrics = ["rouge_l", "exact_match"] + (["accuracy"] if any("accuracy" in (v or {}) for v in per_tier.values())
+                                            else [])
     rows = []
     for tier in per_tier:  # the summary's order (the engine lists larger k first)
         info = per_tier[tier] or {}
         clients = info.get("clients")
         clients = len(clients) if isinstance(clients, (list, tuple)) else clients
-        rows.append([_cell("tier", tier), _cell("clients", clients), _cell("rouge_l", info.get("rouge_l")),
-                     _cell("exact_match", info.get("exact_match"))])
-    return ["## Per tier", "", *_table(["tier", "clients", "rouge_l", "exact_match"], rows), ""]
+        rows.append([_cell("tier", tier), _cell("clients", clients), *(_cell(m, info.get(m)) for m in metrics)])
+    return ["## Per tier", "", *_table(["tier", "clients", *metrics], rows), ""]
+
+
+def _matrix_section(per_client: dict) -> list[str]:
+    """Tier x client tables (eval.tiers = all): each client's score at every tier's k; * marks its own."""
+    clients = [n for n in sorted(per_client, key=_sort_key) if isinstance((per_client[n] or {}).get("by_tier"), dict)]
+    if not clients:
+        return []
+    tiers = sorted({t for n in clients for t in per_client[n]["by_tier"]}, key=lambda t: -int(t))
+    lines = ["## Tier x client", "",
+             "Every client's test set scored with every tier's k (`eval.tiers = all`); * marks the client's own tier.",
+             ""]
+    for metric in ("rouge_l", "accuracy"):
+        if not any(metric in s for n in clients for s in per_client[n]["by_tier"].values()):
+            continue
+        rows = []
+        for n in clients:
+            info = per_client[n]
+            row = [f"{n} (k={info.get('tier')})"]
+            for t in tiers:
+                cell = _cell(metric, (info["by_tier"].get(t) or {}).get(metric))
+                row.append(cell + (" *" if str(info.get("tier")) == t else ""))
+            rows.append(row)
+        lines += [f"{metric}:", "", *_table(["client", *(f"k={t}" for t in tiers)], rows), ""]
+    return lines
+
+
+def _compute_section(compute: dict) -> list[str]:
+    per_tier = (compute or {}).get("per_tier") or {}
+    if not per_tier:
+        return []
+    rows = []
+    top = next(iter(per_tier.values()), {})  # the engine lists the largest tier first
+    for tier, info in per_tier.items():
+        samples = info.get("samples") or []
+        step = info.get("step_seconds")
+        flops = info.get("flops_per_token")
+        rows.append([
+            _cell("tier", tier),
+            "–" if step is None else (f"{step:.2f} s" if step >= 1 else f"{step * 1000:.1f} ms"),
+            "–" if step is None or not top.get("step_seconds") else f"{step / top['step_seconds']:.2f}",
+            "–" if flops is None else f"{flops / 1e6:.0f}",
+            "–" if flops is None or not top.get("flops_per_token") else f"{flops / top['flops_per_token']:.2f}",
+            str(len(samples)), _cell("steps", info.get("steps"))])
+    return ["## Compute per tier", "",
+            "Measured wall time of one optimizer step (forward, backward, update) at each tier's k, the median over "
+            "client-rounds of each client-round's mean, and the estimated training FLOPs per token of that tier "
+            "(`fedmole.compute`: matmuls, the vocabulary head left out), each also as a ratio to the top tier.", "",
+            *_table(["tier", "step time (median)", "vs top", "MFLOP / token", "vs top", "client-rounds", "steps"],
+                    rows), ""]
 
 
 def _client_section(per_client: dict) -> list[str]:
     if not per_client:
         return []
-    first = ["tier", "rouge_l", "exact_match"]
+    first = ["tier", "rouge_l", "exact_match", "accuracy"]
     present = {k for info in per_client.values() for k, v in (info or {}).items() if _is_scalar(v)}
     columns = [c for c in first if c in present] + sorted(present - set(first) - {"state_sha256"})
     rows = [[_cell("client", name)] + [_cell(c, (per_client[name] or {}).get(c)) for c in columns]
@@ -157,6 +211,19 @@ def _client_section(per_client: dict) -> list[str]:
         for row, name in zip(rows, sorted(per_client, key=_sort_key)):
             row.append(f"`{str((per_client[name] or {}).get('state_sha256', ''))[:12]}`")
     return ["## Per client", "", *_table(["client", *columns], rows), ""]
+
+
+def _weight_share_section(rounds: list[dict]) -> list[str]:
+    """FLAME: each tier's share of the expert aggregation weight, per round."""
+    rows = [r for r in rounds if isinstance(r.get("expert_weight_share"), dict) and r["expert_weight_share"]]
+    if not rows:
+        return []
+    tiers = sorted({t for r in rows for t in r["expert_weight_share"]}, key=lambda t: -int(t))
+    table = [[str(r.get("round", "–"))] + [f"{100 * r['expert_weight_share'][t]:.1f}%"
+                                          if t in r["expert_weight_share"] else "–" for t in tiers] for r in rows]
+    return ["## Expert aggregation weight by tier", "",
+            "Each tier's share of an expert's activation-aware aggregation weight, averaged over the "
+            "experts its round's clients used.", "", *_table(["round", *[f"k={t}" for t in tiers]], table), ""]
 
 
 def _cost_section(summary: dict, rounds: list[dict]) -> list[str]:
@@ -201,7 +268,9 @@ def _plot_metrics(rounds: list[dict], path: Path) -> bool:
     # A bare Figure on the Agg canvas: no pyplot global state, no display needed.
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
+    every = [r["round"] for r in rounds if isinstance(r.get("round"), int)]
     for ax, (key, label) in zip(fig.subplots(1, 2), (("rouge_l", "ROUGE-L"), ("train_loss", "train loss"))):
+        ax.set_xlim(min(every) - 0.5, max(every) + 0.5)  # the same rounds on both panels; ROUGE-L where evaluated
         points = series[key]
         if points:
             xs, ys = zip(*points)
@@ -307,7 +376,10 @@ def write_report(run_dir: Path) -> Path:
     lines += _data_section(summary.get("data") or {})
     lines += _tier_section(summary.get("per_tier") or {})
     lines += _client_section(summary.get("per_client") or {})
+    lines += _matrix_section(summary.get("per_client") or {})
+    lines += _compute_section(summary.get("compute") or {})
     lines += _rounds_section(rounds)
+    lines += _weight_share_section(rounds)
     lines += _cost_section(summary, rounds)
 
     plots = []

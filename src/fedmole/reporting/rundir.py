@@ -6,6 +6,11 @@
     RUN_DIR/adapter.safetensors final global adapter
     RUN_DIR/checkpoints/round_NNNN/  global adapter + server state + meta, written atomically
     RUN_DIR/report.md           Markdown report with plots
+
+Every metric row so far is part of each checkpoint's meta.json, so a resume
+rewrites metrics.jsonl from the checkpoint it continues from: a row is never
+lost (killed between the checkpoint and the append) nor repeated. JSON files
+never hold NaN or infinity: such values are written as null, with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -34,6 +40,23 @@ def new_run_dir(parent: str | Path, method: str) -> Path:
     while path.exists():
         path, i = Path(f"{base}-{i}"), i + 1
     return path
+
+
+def json_safe(obj, where: str = ""):
+    """`obj` with every non-finite float replaced by None (logged), so json.dumps(allow_nan=False) holds."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        log.warning("non-finite value %r at %s written as null", obj, where or "top level")
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    """Strict JSON (no NaN / Infinity tokens) of `obj`."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -64,12 +87,16 @@ class RunDir:
 
     def log_round(self, row: dict) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Replace metrics.jsonl with `rows` (a fresh start, or the rows of the checkpoint resumed from)."""
+        _atomic_write(self.metrics_path, "".join(dumps(r) + "\n" for r in rows))
+
     def write_summary(self, summary: dict) -> None:
-        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))
+        _atomic_write(self.path / "summary.json", dumps(summary, indent=2))
 
     def save_adapter(self, state: State, name: str = "adapter.safetensors") -> Path:
         target = self.path / name
@@ -95,13 +122,23 @@ class RunDir:
         torch.save(server_state, tmp / "server.pt")
         torch.save(clients_state, tmp / "clients.pt")
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "meta.json").write_text(json.dumps({"round": rnd, "files": files, **meta}, indent=2))
+        (tmp / "meta.json").write_text(dumps({"round": rnd, "files": files, **meta}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(p for p in root.iterdir() if p.name.startswith("round_"))
         for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def newest_meta(self) -> dict:
+        """meta.json of the newest checkpoint folder ({} when there is none or it is unreadable)."""
+        root = self.path / "checkpoints"
+        for ckpt in sorted(root.glob("round_*"), reverse=True) if root.is_dir() else []:
+            try:
+                return json.loads((ckpt / "meta.json").read_text())
+            except (OSError, ValueError):
+                continue
+        return {}
 
     def load_checkpoint(self) -> dict | None:
         """The newest checkpoint whose files match their checksums, or None.
@@ -117,20 +154,6 @@ class RunDir:
             except CheckpointError as e:
                 log.warning("checkpoint %s is unusable (%s); trying an older one", ckpt.name, e)
         return None
-
-    def truncate_metrics(self, last_round: int) -> None:
-        """Drop metric rows after `last_round` (rounds that a resume will redo)."""
-        if not self.metrics_path.exists():
-            return
-        keep = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a row cut off by the interruption
-            if row.get("round", 0) <= last_round:
-                keep.append(line)
-        _atomic_write(self.metrics_path, "".join(x + "\n" for x in keep))
 
 
 class CheckpointError(RuntimeError):
