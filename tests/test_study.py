@@ -240,3 +240,14 @@ def test_an_arm_without_tiers_takes_part_in_overall_claims_only(tmp_path):
     # personalised: each client's own model at its own tier, even under eval.tiers = all
     configs = {(a.name, 0): resolve(study, a, 0, a.lr, ["eval.tiers=all"]) for a in study.arms}
     assert sum(size_warnings(study, configs)[1]["fedit"]["per_tier"].values()) == sizes["fedit"]["overall"]
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_study_files_resolve_every_run(path):
+    from fedmole.config import eval_protocol
+
+    study = load_study(path)
+    configs = [resolve(study, arm, s, arm.lr) for arm in study.arms for s in study.seeds]
+    assert configs and {c.run.engine for c in configs} == {"local"}
+    if path.stem == "fedamole":  # like with like: every arm scores each client's own model
+        assert {eval_protocol(c) for c in configs} == {"personalized"}
