@@ -25,7 +25,7 @@ from statistics import fmean, median
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.console import bars_enabled
 from fedmole.evaluation.predict import METRICS, mean_scores
-from fedmole.messages import State
+from fedmole.messages import State, state_sha256
 
 log = logging.getLogger("fedmole")
 
@@ -43,7 +43,8 @@ def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[i
 
     With `tiers`, the client is scored at each of `Method.eval_tiers(rt, tiers)`; the result's
     own figures are those at its own tier, and `by_tier` holds every tier's. `records` holds
-    the per-example records (see the module docstring).
+    the per-example records (see the module docstring). Under the personalised protocol,
+    `state_sha256` fingerprints the client's own model that was scored.
     """
     from fedmole.evaluation.predict import predict
 
@@ -67,6 +68,8 @@ def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[i
                      **r} for r in scored]
     own = by_tier.get(rt.tier) or by_tier[labels[0]]
     result = {"client_id": rt.client_id, "tier": rt.tier, **own}
+    if setup.method.protocol == "personalized":  # which of the clients' own models was scored
+        result["state_sha256"] = state_sha256(setup.method.evaluated_state(rt, global_state))
     if tiers is not None:
         result["by_tier"] = {str(t): s for t, s in by_tier.items()}
     result["records"] = records
