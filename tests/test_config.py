@@ -118,3 +118,11 @@ def test_cross_tier_evaluation_needs_the_local_engine():
         load_config(None, ["eval.tiers=all", "run.engine=flower-sim"])
     with pytest.raises(ConfigError, match="eval.tiers = 'some'; allowed: own, all"):
         load_config(None, ["eval.tiers=some"])
+
+
+@pytest.mark.parametrize("method", ["flexlora", "flora", "fedamole"])
+def test_methods_that_restart_their_adapter_refuse_kept_moments(method):
+    with pytest.raises(ConfigError, match=f"train.optimizer_state = 'keep' does not apply to {method}: .*"
+                                          "allowed: reset"):
+        load_config("configs/tiny.toml", [f"method={method}", "train.optimizer_state=keep"])
+    assert load_config("configs/tiny.toml", ["method=hetlora", "train.optimizer_state=keep"]).train.optimizer_state == "keep"

@@ -1,4 +1,4 @@
-"""The answer-only loss equals the model's own causal-LM loss."""
+"""Local training: the answer-only loss, the rescalers' own rate, and optimizer state across rounds."""
 
 import torch
 
@@ -41,7 +41,7 @@ def _rescaler_run(rescale_lr, weight_decay=0.0, steps=12):
     labels[:, :5] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     trainer = LocalTrainer(steps=steps, lr=1e-3, weight_decay=weight_decay, grad_clip=0.0, aux_weight=0.0,
-                           device=torch.device("cpu"), rescale_lr=rescale_lr)
+                           device=torch.device("cpu"), rescale_lr=rescale_lr, keep_optimizer=True)
     start = torch.stack([layer.rescale.detach().clone() for layer in adapter.layers.values()])
     store = {}
     trainer.train(adapter, _Batches(batch), k=1, store=store)
@@ -57,3 +57,31 @@ def test_learned_rescalers_have_their_own_rate_and_no_weight_decay():
     assert torch.equal(fast[:, 1:], start[:, 1:])  # only the trained tier's entry moves
     _, _, groups = _rescaler_run(rescale_lr=0.05, weight_decay=0.5, steps=1)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [(1e-3, 0.5, 4 * 3), (0.05, 0.0, 4)]  # 2 layers x q, v
+
+
+def _trained(keep: bool, stores: list[dict]) -> torch.Tensor:
+    """The adapter after one round of two steps per store in `stores`, each round starting from the
+    previous round's result; returns every adapter tensor, flattened."""
+    from fedmole.adapters.inject import MoLEConfig, inject_mole
+    from fedmole.training import LocalTrainer
+
+    adapter = inject_mole(tiny_llama(320, seed=0), MoLEConfig(num_experts=4, rank=2, dropout=0.0), k_max=4)
+    ids = torch.randint(0, 320, (4, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    trainer = LocalTrainer(steps=2, lr=1e-2, weight_decay=0.0, grad_clip=0.0, aux_weight=0.0,
+                           device=torch.device("cpu"), keep_optimizer=keep)
+    for store in stores:
+        trainer.train(adapter, _Batches(batch), k=2, store=store)
+    return torch.cat([p.detach().flatten() for p in adapter.parameters()])
+
+
+def test_reset_starts_every_round_afresh_and_keep_carries_the_moments():
+    kept = {}
+    with_reset, fresh = _trained(False, [kept, kept]), _trained(False, [{}, {}])
+    assert torch.equal(with_reset, fresh) and kept == {}  # reset: round 2 = a fresh optimizer, nothing stored
+    with_keep = _trained(True, [kept, kept])
+    assert not torch.equal(with_keep, fresh)
+    assert all(int(s["step"]) == 4 for s in kept["optimizer"]["state"].values())  # two rounds of two steps

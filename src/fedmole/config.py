@@ -116,6 +116,10 @@ class TrainSection:
                             range=(0.0, 1.0))
     weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, None))
     grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", range=(0.0, None))
+    optimizer_state: str = opt("reset", "AdamW moments across rounds: reset (each round's local training starts a "
+                               "fresh optimizer, as FedIT, FedAMoLE's code and FlowerTune do) | keep (a client "
+                               "resumes its own moments, kept at rest with its state; not for flexlora, flora, "
+                               "fedamole)", choices=("reset", "keep"))
 
 
 @dataclass
@@ -375,6 +379,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"fed.robust = 'trimmed_mean' does not apply to {cfg.run.method}, whose aggregation "
                               "is not a weighted average of the clients' tensors; allowed for: "
                               + ", ".join(n for n, c in _method_classes().items() if c.robust_averaging))
+    refused = _method_classes()[cfg.run.method].keep_optimizer_refused
+    if cfg.train.optimizer_state == "keep" and refused:
+        raise ConfigError(f"train.optimizer_state = 'keep' does not apply to {cfg.run.method}: {refused}; "
+                          "allowed: reset")
     if cfg.fed.min_clients > cfg.data.num_clients:
         raise ConfigError(
             f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"

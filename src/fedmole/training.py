@@ -49,6 +49,10 @@ class LocalTrainer:
     by well under 1% in a short local budget, and decay would pull it towards 0
     instead of its k_ref/k start.
 
+    `keep_optimizer` (train.optimizer_state = keep) carries a client's AdamW moments from one
+    round's local training to its next, through the client's store; otherwise every round
+    starts a fresh optimizer (reset, as FedIT, FedAMoLE's code and FlowerTune do).
+
     Every optimizer step's wall time (batch to device, forward, backward, clip, step) is
     appended to `step_seconds`, which the engine empties before each client step and reads
     after it. `dataclasses.replace` copies share the list, so their steps are counted too.
@@ -62,13 +66,14 @@ class LocalTrainer:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     rescale_lr: float | None = None  # None: the LoRA rate
+    keep_optimizer: bool = False
     step_seconds: list[float] = field(default_factory=list, repr=False, compare=False)
 
     def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, params=None) -> float:
         """Run `steps` optimizer steps with k active experts; return the mean loss.
 
-        `store` is the client's persistent dict: its optimizer state is restored
-        from and saved to `store["optimizer"]`. `params` restricts training to a
+        `store` is the client's persistent dict: with `keep_optimizer`, its optimizer state is
+        restored from and saved to `store["optimizer"]`. `params` restricts training to a
         subset of the adapter tensors (default: all).
         """
         params = list(adapter.parameters()) if params is None else list(params)
@@ -78,7 +83,7 @@ class LocalTrainer:
         if scales:
             groups.append({"params": scales, "lr": self.rescale_lr or self.lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
-        if "optimizer" in store:
+        if self.keep_optimizer and "optimizer" in store:
             optimizer.load_state_dict(store["optimizer"])
         model = adapter.model
         model.train()
@@ -102,5 +107,6 @@ class LocalTrainer:
                 self.step_seconds.append(time.perf_counter() - started)
         finally:
             model.eval()
-        store["optimizer"] = optimizer.state_dict()
+        if self.keep_optimizer:
+            store["optimizer"] = optimizer.state_dict()
         return total / self.steps

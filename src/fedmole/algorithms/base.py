@@ -68,6 +68,8 @@ class Method:
     # `fed.robust = "trimmed_mean"` applies (they get `trim`, set by the engine's setup)
     robust_averaging: ClassVar[bool] = False
     trim: float = 0.0
+    # why train.optimizer_state = "keep" does not apply to this method ("": it does)
+    keep_optimizer_refused: ClassVar[str] = ""
 
     @classmethod
     def build_adapter(

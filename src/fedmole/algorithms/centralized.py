@@ -7,10 +7,11 @@ optimizer steps per round as all selected clients together take in the
 federated methods: train.local_steps * (clients selected). It is evaluated
 at full rank on every client's test split.
 
-The pooled data and its optimizer live with the method (the "data centre"),
-so the engine must hand it every client's runtime once (`attach_clients`);
-each round one instruction, addressed to the first selected client, carries
-the model in and out, so the round loop is unchanged.
+The pooled data (and its optimizer moments, with train.optimizer_state = keep)
+live with the method (the "data centre"), so the engine must hand it every
+client's runtime once (`attach_clients`); each round one instruction, addressed
+to the first selected client, carries the model in and out, so the round loop
+is unchanged.
 """
 
 from __future__ import annotations

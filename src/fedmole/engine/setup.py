@@ -159,6 +159,7 @@ class Setup:
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,
             device=self.device, autocast_dtype=self.autocast, rescale_lr=cfg.train.rescale_lr,
+            keep_optimizer=cfg.train.optimizer_state == "keep",
         )
         self.runtimes = [self._runtime(c) for c in self.clients]
         if self.runtimes:
