@@ -201,7 +201,9 @@ def _runtime(client: ClientInfo, adapter: MoLEAdapter, store: dict) -> ClientRun
 
 
 def _final_client_store(run_dir: Path, cfg: Config, method: Method, client_id: int) -> dict:
-    """A client's store (its personal model) from the run's last checkpoint; the server state goes into `method`."""
+    """A client's store (its personal model) as the run's last checkpoint names it; the server state goes into
+    `method`."""
+    from fedmole.engine.client_state import RunClientStates
     from fedmole.reporting.rundir import RunDir
 
     ckpt = RunDir(run_dir).load_checkpoint() if (run_dir / "checkpoints").is_dir() else None
@@ -212,7 +214,10 @@ def _final_client_store(run_dir: Path, cfg: Config, method: Method, client_id: i
         raise RunError(f"the newest usable checkpoint of {run_dir} is round {ckpt['meta']['round']}, "
                        f"not the final round {cfg.run.rounds}")
     method.load_state_dict(ckpt["server"])
-    return ckpt["clients"][client_id]["store"]
+    if ckpt["clients"] is None:
+        raise RunError(f"the checkpoint of {run_dir} keeps its clients' state inside it (an older fedmole's layout)")
+    saved = RunClientStates(run_dir).read(ckpt["clients"], client_id)
+    return saved[0] if saved is not None else {}
 
 
 def read_examples(path: str | Path) -> list[Example]:

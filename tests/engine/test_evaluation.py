@@ -22,7 +22,7 @@ def test_predictions_hold_one_scored_record_per_test_example(tmp_path):
     engine = LocalEngine(tiny_cfg(), tmp_path)
     summary = engine.run()
     records = read_predictions(tmp_path)
-    tests = {rt.data.name: rt.data.test for rt in engine.setup.runtimes}
+    tests = {c.name: c.test for c in engine.setup.clients}
     assert len(records) == sum(len(t) for t in tests.values()) == 24
     for name, examples in tests.items():
         mine = [r for r in records if r["client_name"] == name]
@@ -78,7 +78,7 @@ def test_validation_split_is_scored_when_asked_and_must_exist(tmp_path):
     engine = LocalEngine(tiny_cfg("eval.split=val", "data.max_val=3", "rounds=1"), tmp_path / "val")
     engine.run()
     records = read_predictions(tmp_path / "val")
-    val_ids = {ex.id for rt in engine.setup.runtimes for ex in rt.data.val}
+    val_ids = {ex.id for c in engine.setup.clients for ex in c.val}
     assert len(records) == 18 and {r["example_id"] for r in records} <= val_ids
     with pytest.raises(ValueError, match="has no val examples"):
         run_local(tiny_cfg("eval.split=val", "data.val_frac=0.0", "rounds=1"), tmp_path / "none")

@@ -94,6 +94,18 @@ def test_every_method_matches_the_local_engine_over_flower_messages(method, grid
     assert flower_bytes == local_bytes  # each node was sent what the local engine hands its client
 
 
+def test_a_node_keeps_its_clients_state_in_files_not_in_its_context(grid_factory, cfg_factory, tmp_path):
+    """Local-only training: each client's personal adapter must survive from round 1 to round 2 and
+    to evaluation, at rest under the node's state folder; the node's context stays empty."""
+    grid = grid_factory([{}, {}, {}])
+    local = run_local(cfg_factory("method=local", "rounds=2"), tmp_path / "local")
+    flower = serve(grid, cfg_factory("method=local", "rounds=2"), tmp_path / "flower")
+    assert flower["metrics"] == local["metrics"] and flower["per_client"] == local["per_client"]
+    assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
+    records = sorted(p.name for p in (tmp_path / "node-state").glob("run-*/node-*/client-*/records/*.json"))
+    assert records == ["c000000-r00002.json", "c000001-r00002.json", "c000002-r00002.json"]  # the newest only
+
+
 def test_a_node_that_went_away_keeps_its_reason_and_a_partial_evaluation_is_marked(grid_factory, cfg_factory,
                                                                                     tmp_path, monkeypatch):
     """The SuperLink answers for a vanished node with an error message that carries its own id, not the

@@ -8,6 +8,7 @@ the previous state). Engines only move `Instruction`s and `Reply`s.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -26,11 +27,11 @@ class ClientRuntime:
     client_id: int
     tier: int
     data: ClientData
-    batches: object  # fedmole.data.tokenize.TrainBatches
+    batches: object  # fedmole.data.tokenize.TrainBatches (None when opened for evaluation only)
     adapter: MoLEAdapter
     trainer: LocalTrainer
     aux_batches: list = field(default_factory=list)  # padded batches of the aux split (no-grad passes)
-    store: dict = field(default_factory=dict)  # persistent client state (optimizer, personal tensors)
+    store: dict = field(default_factory=dict)  # state kept between rounds, at rest (engine/client_state.py)
 
 
 class Method:
@@ -117,8 +118,9 @@ class Method:
         """The example count each client's reply may claim, from the clients' training-set sizes."""
         return dict(train_sizes)
 
-    def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
-        """Called once with every client's runtime (only the centralised reference uses it)."""
+    def attach_clients(self, runtimes: Iterable[ClientRuntime]) -> None:
+        """Called once with every client's runtime in client order, each built as the iteration
+        reaches it (only the centralised reference consumes them)."""
 
     def final_state(self, global_state: State) -> State:
         """The tensors that make up the trained model (saved as adapter.safetensors and hashed)."""

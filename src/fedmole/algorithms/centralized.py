@@ -17,6 +17,7 @@ is unchanged.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedmole.algorithms.aggregate import State
@@ -55,10 +56,13 @@ class Centralized(LoRAMethod):
         self.pool: TrainBatches | None = None
         self.center: dict = {}  # the data centre's optimizer state
 
-    def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
-        """Pool every client's encoded training examples (called once by the engine's setup)."""
-        items = [item for rt in sorted(runtimes, key=lambda rt: rt.client_id) for item in rt.batches.items]
-        first = runtimes[0].batches
+    def attach_clients(self, runtimes: Iterable[ClientRuntime]) -> None:
+        """Pool every client's encoded training examples, in client order (called once by the
+        engine's setup)."""
+        items, first = [], None
+        for rt in runtimes:
+            items += rt.batches.items
+            first = first or rt.batches
         self.pool = TrainBatches(items, batch_size=first.batch_size, seed=self.seed * 1000 + POOL_SEED,
                                  pad_id=first.pad_id)
 

@@ -1,5 +1,7 @@
 """Build what a run needs from its config: device, precision, base model with
-adapter, client data (partitioned, split, tokenised) and client runtimes."""
+adapter, and client data (partitioned and split); a client's runtime (its data
+tokenised into batches) is built only when it is opened (`Setup.runtime`, see
+engine/clients.py)."""
 
 from __future__ import annotations
 
@@ -127,10 +129,11 @@ def load_clients(cfg: Config, tiers: list[int], clients: list[ClientData] | None
 
 
 class Setup:
-    """The frozen base model with its adapter, the clients and the method of one run.
+    """The frozen base model with its adapter, the clients' data and the method of one run.
 
     clients: the clients this process serves (default: every client, built from cfg.data);
-    a Flower server passes none (it never loads client data), a site its own one.
+    a Flower server passes none (it never loads client data), a site its own one. No client
+    is tokenised here: `runtime` builds one when it is needed.
     """
 
     def __init__(self, cfg: Config, clients: list[ClientData] | None = None):
@@ -143,6 +146,7 @@ class Setup:
         self.tiers = assign_tiers(cfg)
         # data errors surface before the model loads
         self.clients, self.data_summary = load_clients(cfg, self.tiers, clients)
+        self.client_data = {c.client_id: c for c in self.clients}
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
         if model_kind(cfg.model.name) is None:  # a hub model: only now is it known whether it is sparse
             check_adapter_options(cfg, moe=is_moe_model(self.model))
@@ -161,11 +165,20 @@ class Setup:
             device=self.device, autocast_dtype=self.autocast, rescale_lr=cfg.train.rescale_lr,
             keep_optimizer=cfg.train.optimizer_state == "keep",
         )
-        self.runtimes = [self._runtime(c) for c in self.clients]
-        if self.runtimes:
-            self.method.attach_clients(self.runtimes)
+        if self.clients:  # built one at a time, only if the method consumes them
+            self.method.attach_clients(self.runtime(c.client_id) for c in self.clients)
 
-    def _runtime(self, client: ClientData) -> ClientRuntime:
+    def runtime(self, client_id: int, train: bool = True) -> ClientRuntime:
+        """A new runtime of client `client_id` with an empty store: its training and aux splits
+        tokenised into batches, or (`train=False`, evaluation) none."""
+        try:
+            client = self.client_data[client_id]
+        except KeyError:
+            raise ValueError(f"this process has no client {client_id} (it serves {sorted(self.client_data)})"
+                             ) from None
+        tier = self.tiers[client_id]
+        if not train:
+            return ClientRuntime(client_id, tier, client, None, self.adapter, self.trainer)
         d = self.cfg.data
         items = [
             encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
@@ -183,8 +196,7 @@ class Setup:
         ]
         bs = self.cfg.train.batch_size
         aux_batches = [collate_train(aux[i : i + bs], self.tokenizer.pad_token_id) for i in range(0, len(aux), bs)]
-        return ClientRuntime(client.client_id, self.tiers[client.client_id], client, batches, self.adapter,
-                             self.trainer, aux_batches=aux_batches)
+        return ClientRuntime(client_id, tier, client, batches, self.adapter, self.trainer, aux_batches=aux_batches)
 
     def encode_prompt(self, ex: Example) -> list[int]:
         return encode_prompt(

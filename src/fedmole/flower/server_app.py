@@ -63,8 +63,8 @@ class FlowerEngine(LocalEngine):
 
     def run(self, resume: bool = False) -> dict:
         if resume:
-            raise ResumeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
-                              "lived in its node's context, which ended with the run; start a new run")
+            raise ResumeError("a Flower run cannot be resumed: each client's state and batch position lived on "
+                              "its node, not versioned with the server's checkpoints; start a new run")
         return super().run()
 
     def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[dict[int, Message], dict[int, str]]:
@@ -103,7 +103,7 @@ class FlowerEngine(LocalEngine):
                 sum(serde.reply_payload_nbytes(r, dtype) for r in replies))
 
     def client_states(self) -> dict:
-        return {}  # client state lives on the nodes; the checkpoint keeps the server's half
+        return {}  # client state lives on the nodes (at rest in their state folders); the checkpoint keeps the server's half
 
 
 def is_simulation(grid: Grid) -> bool:
