@@ -106,6 +106,24 @@ def test_a_node_keeps_its_clients_state_in_files_not_in_its_context(grid_factory
     assert records == ["c000000-r00002.json", "c000001-r00002.json", "c000002-r00002.json"]  # the newest only
 
 
+def test_evaluation_asks_the_nodes_in_waves_of_a_rounds_size(grid_factory, cfg_factory, tmp_path):
+    """Every evaluation message carries the model: a population is asked a round's worth at a time."""
+    from flwr.app import MessageType
+
+    grid = grid_factory([{}, {}, {}])
+    send, waves = grid.send_and_receive, []
+
+    def counted(messages, *, timeout=None):
+        if messages and messages[0].metadata.message_type == MessageType.EVALUATE:
+            waves.append(len(messages))
+        return send(messages, timeout=timeout)
+
+    grid.send_and_receive = counted
+    summary = serve(grid, cfg_factory("rounds=1", "fed.sample_fraction=0.67"), tmp_path)
+    assert waves == [2, 1, 2, 1]  # before training and after round 1: two clients, then the third
+    assert len(summary["per_client"]) == 3 and not summary["evaluation_missing"]
+
+
 def test_a_node_that_went_away_keeps_its_reason_and_a_partial_evaluation_is_marked(grid_factory, cfg_factory,
                                                                                     tmp_path, monkeypatch):
     """The SuperLink answers for a vanished node with an error message that carries its own id, not the

@@ -220,9 +220,13 @@ class LocalEngine:
         return rnd + 1, ckpt["global_state"], meta["before"], dict(meta["comm"]), float(meta["seconds"])
 
     # -- steps -----------------------------------------------------------------
-    def select(self, rnd: int, attempt: int = 0) -> list[int]:
+    def per_round(self) -> int:
+        """Clients selected per round: fed.sample_fraction of data.num_clients, at least fed.min_clients."""
         n = self.cfg.data.num_clients
-        m = min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
+        return min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
+
+    def select(self, rnd: int, attempt: int = 0) -> list[int]:
+        n, m = self.cfg.data.num_clients, self.per_round()
         if m == n:
             return list(range(n))
         rng = np.random.default_rng([self.cfg.run.seed, rnd, attempt])

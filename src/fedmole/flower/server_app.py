@@ -81,7 +81,7 @@ class FlowerEngine(LocalEngine):
         (engine/guard.py) and keys it by the client it asked, with the tier it assigned."""
         clients = list(range(self.cfg.data.num_clients))
         state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
-        replies, failures = self.strategy.evaluate(self.grid, rnd, state, clients)
+        replies, failures = self.strategy.evaluate(self.grid, rnd, state, clients, wave=self.per_round())
         per_client = {}
         for c, msg in replies.items():
             metrics, why = admit_eval(lambda: serde.read_result(msg.content)[1], c, self.limits)

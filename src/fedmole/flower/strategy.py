@@ -167,13 +167,28 @@ class FedmoleStrategy:
             for c in client_ids
         ]
 
-    def evaluate(self, grid: Grid, rnd: int, global_state: State,
-                 client_ids: list[int]) -> tuple[dict[int, Message], dict[int, str]]:
-        """Each client's evaluation reply message (undecoded) and why the others have none."""
-        messages = self.configure_evaluate(rnd, global_state, client_ids)
+    def evaluate(self, grid: Grid, rnd: int, global_state: State, client_ids: list[int],
+                 wave: int = 0) -> tuple[dict[int, Message], dict[int, str]]:
+        """Each client's evaluation reply message (undecoded) and why the others have none.
+
+        Clients are asked `wave` at a time (0: all at once): every message carries the
+        state, so a population's worth of them waiting at once would hold that many copies.
+        fed.round_timeout bounds all waves together."""
         deadline = self.round_timeout or None  # generation time is not bounded by fed.client_timeout
-        replies = grid.send_and_receive(messages, timeout=deadline)
-        return self.match(messages, list(client_ids), replies, deadline)
+        end = time.monotonic() + deadline if deadline else None
+        clients = list(client_ids)
+        step = wave or len(clients) or 1
+        got: dict[int, Message] = {}
+        failures: dict[int, str] = {}
+        for i in range(0, len(clients), step):
+            part = clients[i:i + step]
+            messages = self.configure_evaluate(rnd, global_state, part)
+            left = max(end - time.monotonic(), 0.0) if end else None
+            replies = grid.send_and_receive(messages, timeout=left) if left != 0.0 else []
+            g, f = self.match(messages, part, replies, deadline)
+            got.update(g)
+            failures.update(f)
+        return got, failures
 
     # -- replies ----------------------------------------------------------------------
     @staticmethod
