@@ -48,6 +48,17 @@ def test_a_population_builds_runtimes_only_for_the_clients_a_round_samples(tmp_p
     assert set(json.loads((newest / "clients.json").read_text())) == {str(c) for c in sampled}
 
 
+def test_a_client_sampled_round_after_round_is_tokenised_once(tmp_path, monkeypatch):
+    import fedmole.engine.setup as setup_module
+
+    calls = []
+    encode = setup_module.encode_train
+    monkeypatch.setattr(setup_module, "encode_train", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    engine = LocalEngine(load_config(TINY, [*QUIET, "rounds=2", "eval.before=false", "data.max_test=1"]), tmp_path)
+    engine.run()  # every client trains in both rounds
+    assert len(calls) == sum(len(c.train) + len(c.aux) for c in engine.setup.clients)
+
+
 def _record_names(run_dir):
     files = RunClientStates(run_dir).files
     return {(c, v) for c, versions in files.versions().items() for v in versions}

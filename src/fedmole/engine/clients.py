@@ -1,7 +1,8 @@
 """Clients built when they are needed: a runtime exists only while its client trains or is evaluated.
 
 Set-up only partitions and splits the data (lists of examples, cheap); nothing is
-tokenised and no runtime is built for a client until the engine opens it:
+tokenised and no runtime is built for a client until the engine opens it (its
+tokens are then kept for as many clients as a round samples, `Setup.encoded`):
 
     rt = pool.open(client_id)               # tokenised now; the state it kept at rest loaded
     ... train rt ...
@@ -18,6 +19,12 @@ from __future__ import annotations
 
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.engine.client_state import NodeClientState, RunClientStates
+
+
+def clients_per_round(cfg) -> int:
+    """Clients selected per round: fed.sample_fraction of data.num_clients, at least fed.min_clients."""
+    n = cfg.data.num_clients
+    return min(n, max(cfg.fed.min_clients, round(cfg.fed.sample_fraction * n)))
 
 
 class ClientPool:

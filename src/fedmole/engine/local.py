@@ -23,7 +23,7 @@ from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
 from fedmole.config import Config
 from fedmole.console import bars_enabled, round_line
 from fedmole.engine.client_state import RunClientStates
-from fedmole.engine.clients import ClientPool
+from fedmole.engine.clients import ClientPool, clients_per_round
 from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.evaluation import (
     compute_summary,
@@ -92,12 +92,11 @@ class LocalEngine:
             global_state = self.method.initial_state(self.setup.adapter)
             before = None
             self.rows = []
-            if cfg.eval.before:
-                before = self.evaluate(global_state, rnd=0)
-                before.pop("records", None)
-                self.rows.append({"round": 0, **headline(before), "seconds": 0.0})
-                tracker.log({"round": 0, **headline(before)})
-                log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in headline(before).items()))
+            if cfg.eval.before:  # its means only: every checkpoint carries them (per client: the population)
+                before = headline(self.evaluate(global_state, rnd=0))
+                self.rows.append({"round": 0, **before, "seconds": 0.0})
+                tracker.log({"round": 0, **before})
+                log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in before.items()))
             out.write_metrics(self.rows)  # starting over replaces what an earlier attempt wrote
             first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
         loop_started = time.perf_counter()
@@ -222,8 +221,7 @@ class LocalEngine:
     # -- steps -----------------------------------------------------------------
     def per_round(self) -> int:
         """Clients selected per round: fed.sample_fraction of data.num_clients, at least fed.min_clients."""
-        n = self.cfg.data.num_clients
-        return min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
+        return clients_per_round(self.cfg)
 
     def select(self, rnd: int, attempt: int = 0) -> list[int]:
         n, m = self.cfg.data.num_clients, self.per_round()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from fedmole.data.splits import build_clients
 from fedmole.data.summary import data_summary
 from fedmole.data.synthetic import synthetic_examples
 from fedmole.data.tokenize import TrainBatches, collate_train, encode_prompt, encode_train
+from fedmole.engine.clients import clients_per_round
 from fedmole.data.types import ClientData, Example
 from fedmole.models import load_base
 from fedmole.training import LocalTrainer
@@ -147,6 +149,8 @@ class Setup:
         # data errors surface before the model loads
         self.clients, self.data_summary = load_clients(cfg, self.tiers, clients)
         self.client_data = {c.client_id: c for c in self.clients}
+        self._encoded: OrderedDict[int, tuple[list, list]] = OrderedDict()  # see `encoded`
+        self._encoded_kept = clients_per_round(cfg)
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
         if model_kind(cfg.model.name) is None:  # a hub model: only now is it known whether it is sparse
             check_adapter_options(cfg, moe=is_moe_model(self.model))
@@ -179,24 +183,32 @@ class Setup:
         tier = self.tiers[client_id]
         if not train:
             return ClientRuntime(client_id, tier, client, None, self.adapter, self.trainer)
-        d = self.cfg.data
-        items = [
-            encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
-                         use_chat_template=d.chat_template)
-            for ex in client.train
-        ]
-        batches = TrainBatches(
-            items, batch_size=self.cfg.train.batch_size, seed=self.cfg.run.seed * 1000 + client.client_id,
-            pad_id=self.tokenizer.pad_token_id,
-        )
-        aux = [
-            encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
-                         use_chat_template=d.chat_template)
-            for ex in client.aux
-        ]
-        bs = self.cfg.train.batch_size
-        aux_batches = [collate_train(aux[i : i + bs], self.tokenizer.pad_token_id) for i in range(0, len(aux), bs)]
+        items, aux = self.encoded(client_id)
+        bs, pad = self.cfg.train.batch_size, self.tokenizer.pad_token_id
+        batches = TrainBatches(items, batch_size=bs, seed=self.cfg.run.seed * 1000 + client_id, pad_id=pad)
+        aux_batches = [collate_train(aux[i : i + bs], pad) for i in range(0, len(aux), bs)]
         return ClientRuntime(client_id, tier, client, batches, self.adapter, self.trainer, aux_batches=aux_batches)
+
+    def encoded(self, client_id: int) -> tuple[list, list]:
+        """(training items, aux items) of a client, each item (input_ids, labels) as int32 arrays (T,).
+
+        Tokenised when the client is first opened and kept for the last `clients_per_round`
+        clients opened, so a client sampled round after round is not tokenised again, while
+        memory follows the clients of a round, not the population."""
+        if client_id in self._encoded:
+            self._encoded.move_to_end(client_id)
+            return self._encoded[client_id]
+        d, client = self.cfg.data, self.client_data[client_id]
+
+        def encode(ex: Example) -> tuple[np.ndarray, np.ndarray]:
+            ids, labels = encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
+                                       use_chat_template=d.chat_template)
+            return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+        self._encoded[client_id] = [encode(ex) for ex in client.train], [encode(ex) for ex in client.aux]
+        while len(self._encoded) > self._encoded_kept:
+            self._encoded.popitem(last=False)
+        return self._encoded[client_id]
 
     def encode_prompt(self, ex: Example) -> list[int]:
         return encode_prompt(

@@ -103,7 +103,7 @@ class FlowerEngine(LocalEngine):
                 sum(serde.reply_payload_nbytes(r, dtype) for r in replies))
 
     def client_states(self) -> dict:
-        return {}  # client state lives on the nodes (at rest in their state folders); the checkpoint keeps the server's half
+        return {}  # client state lives on the nodes (in their state folders); the checkpoint keeps the server's half
 
 
 def is_simulation(grid: Grid) -> bool:
