@@ -23,8 +23,8 @@ from fedmole.data.splits import build_clients
 from fedmole.data.summary import data_summary
 from fedmole.data.synthetic import synthetic_examples
 from fedmole.data.tokenize import TrainBatches, collate_train, encode_prompt, encode_train
-from fedmole.engine.clients import clients_per_round
 from fedmole.data.types import ClientData, Example
+from fedmole.engine.clients import clients_per_round
 from fedmole.models import load_base
 from fedmole.training import LocalTrainer
 
