@@ -135,7 +135,7 @@ def main() -> None:
     for name in names:
         spec = CANDIDATES[name]
         t0 = time.perf_counter()
-        model, _ = sparsify(dense, calibration, spec)
+        model, _ = sparsify(dense, calibration, spec, autocast)
         built = time.perf_counter() - t0
         tiers = list(range(spec.top_k, 0, -1))
         # FLAME's adapter as a run starts it: LoRA B = 0 and the rescaler at top_k / k

@@ -375,7 +375,7 @@ def resolve_model(spec: str) -> str:
     )
 
 
-SMOLLM2_MOE_VERSION = 1  # bump when the construction changes: a cached older build is then rebuilt
+SMOLLM2_MOE_VERSION = 2  # bump when the construction changes: a cached older build is then rebuilt
 
 
 def prepare_smollm2_moe(force: bool = False) -> Path:

@@ -104,8 +104,12 @@ def qwen2_moe_config(dense_config, spec: SparsifySpec, expert_width: int):
 
 
 @torch.no_grad()
-def mlp_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Per decoder layer, the MLP inputs (n_tokens, H) of every real (non-padding) token of `batches`."""
+def mlp_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+               autocast: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Per decoder layer, the MLP inputs (n_tokens, H), float32, of every real (non-padding) token of
+    `batches` (the forward runs under `autocast` when given: the routers need directions, not digits)."""
+    import contextlib
+
     layers = model.model.layers
     found: list[list[torch.Tensor]] = [[] for _ in layers]
     mask: list[torch.Tensor] = []
@@ -114,10 +118,12 @@ def mlp_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> 
         return lambda module, args, out: found[i].append(args[0].reshape(-1, args[0].shape[-1])[mask[0]].float())
 
     handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
     try:
         for batch in batches:
             mask[:] = [batch["attention_mask"].reshape(-1).bool()]
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            with ctx:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -128,7 +134,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, seed: int) -> torch.Te
     """Unit-norm centroids (k, H) of the unit-normalised rows of x (n, H) by cosine similarity."""
     if x.shape[0] < k:
         raise ValueError(f"k-means with {k} clusters needs at least {k} points, got {x.shape[0]}")
-    xn = torch.nn.functional.normalize(x.double(), dim=-1)
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
     g = torch.Generator().manual_seed(seed)
     centroids = xn[torch.randperm(xn.shape[0], generator=g)[:k]].clone()
     for _ in range(iters):
@@ -216,7 +222,7 @@ def split_layer(layer: nn.Module, x: torch.Tensor, spec: SparsifySpec,
 
 @torch.no_grad()
 def sparsify(dense: nn.Module, calibration: Iterable[dict[str, torch.Tensor]],
-             spec: SparsifySpec) -> tuple[nn.Module, list[float]]:
+             spec: SparsifySpec, autocast: torch.dtype | None = None) -> tuple[nn.Module, list[float]]:
     """A Qwen2-MoE model made from `dense` (an eval-mode Llama causal LM) with `spec` (module docstring),
     and each layer's expert down-projection scale.
 
@@ -227,7 +233,7 @@ def sparsify(dense: nn.Module, calibration: Iterable[dict[str, torch.Tensor]],
 
     spec.check()
     _check_dense(dense)
-    xs = mlp_inputs(dense, calibration)
+    xs = mlp_inputs(dense, calibration, autocast)
     inter = dense.config.intermediate_size
     width = inter if spec.construction == "upcycle" else inter // spec.num_experts
     config = qwen2_moe_config(dense.config, spec, width)
@@ -339,6 +345,9 @@ def tier_losses(model: nn.Module, batches: list[dict[str, torch.Tensor]], tiers:
     for k in tiers:
         with adapter.route(k):
             rescaled = lm_loss(model, batches, autocast)
+            if all(float(layer.rescale[k - 1]) == 1.0 for layer in adapter.layers.values()):
+                out[k] = {"rescaled": rescaled, "unscaled": rescaled}  # nothing to undo (k = top_k)
+                continue
             saved = [layer.rescale.clone() for layer in adapter.layers.values()]
             for layer in adapter.layers.values():
                 layer.rescale.fill_(1.0)
@@ -429,7 +438,8 @@ def build_smollm2_moe(dense_dir, ni_root, out_dir, spec: SparsifySpec = SMOLLM2_
     calibration = token_batches(tokenizer, ni_sample(ni_root, c["lines"], c["per_task"], c["seed"]), c["max_len"])
     n_tokens = sum(int(b["attention_mask"].sum()) for b in calibration)
     log(f"fitting routers on {n_tokens} calibration tokens ...")
-    model, scales = sparsify(dense, calibration, spec)
+    model, scales = sparsify(dense, calibration, spec, autocast)
+    log(f"built the sparse model ({time.perf_counter() - started:.0f} s so far)")
     h = HELD_OUT
     held = token_batches(tokenizer, ni_sample(ni_root, h["lines"], h["per_task"], h["seed"], h["limit"]), h["max_len"])
     dense_loss = lm_loss(dense, held, autocast)
@@ -438,7 +448,7 @@ def build_smollm2_moe(dense_dir, ni_root, out_dir, spec: SparsifySpec = SMOLLM2_
     log(f"saving the sparse model to {out} ...")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    log("measuring the held-out loss at every tier ...")
+    log(f"measuring the held-out loss at every tier ({time.perf_counter() - started:.0f} s so far) ...")
     losses = tier_losses(model, held, list(range(spec.top_k, 0, -1)), autocast)
     return {"spec": spec, "losses": losses, "dense_loss": dense_loss, "config": model.config,
             "calibration_tokens": n_tokens, "seconds": time.perf_counter() - started, "scales": scales}

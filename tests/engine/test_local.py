@@ -141,6 +141,9 @@ def test_flame_on_a_tiny_moe_base_runs_end_to_end(tmp_path):
                                                 "data.max_test=2", "eval.max_new_tokens=2"])
     summary = run_local(cfg, tmp_path)
     assert set(summary["per_tier"]) == {"4", "2", "1"}
+    flops = {t: v["flops_per_token"] for t, v in summary["compute"]["per_tier"].items()}
+    assert flops["4"] > flops["2"] > flops["1"] > 0  # a lower tier runs fewer whole experts
+    assert all(v["step_seconds"] > 0 for v in summary["compute"]["per_tier"].values())
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     shares = rows[-1]["expert_weight_share"]
     assert set(shares) == {"4", "2", "1"} and shares["4"] > shares["1"] > 0  # t = 2 favours the busy tiers

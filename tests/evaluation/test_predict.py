@@ -50,6 +50,24 @@ def test_batched_option_losses_match_the_oracle(model, tok):
     assert choose([0.5, 0.2, 0.2]) == 1
 
 
+def test_option_losses_share_the_prompt_on_a_sparse_moe_with_its_adapter(tok):
+    from fedmole.adapters.inject import MoLEConfig
+    from fedmole.adapters.moe_lora import inject_moe_lora
+    from fedmole.adapters.moe_models import tiny_moe
+
+    moe = tiny_moe("qwen2_moe", len(tok), seed=3).eval()
+    adapter = inject_moe_lora(moe, MoLEConfig(rank=2, dropout=0.0), k_max=4)
+    with torch.no_grad():
+        for block in adapter.layers.values():
+            block.lora_down_B.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    prompts = [tok(t).input_ids for t in ("Input: What is the capital", "0 1 2 3 4 5 6 7 8 9 answer")]
+    options = [[tok(" yes").input_ids, tok(" no answer here").input_ids], [tok(" a").input_ids, tok(" bb").input_ids]]
+    with adapter.route(2):  # a capped tier: the cached and the continued tokens route alike
+        got = option_losses(moe, prompts, options, pad_id=tok.pad_token_id, batch_size=2)
+        for p, opts, losses in zip(prompts, options, got):
+            assert losses == pytest.approx([oracle_loss(moe, p, o) for o in opts], abs=1e-4)
+
+
 def test_option_losses_reject_bad_input(model, tok):
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         option_losses(model, [[]], [[[1]]], pad_id=0)

@@ -32,8 +32,10 @@ def _write_run(run_dir, *, summary=True, usage=True):
                      "2": {"rouge_l": 29.12, "exact_match": 4.5, "clients": 1}},
         "comm_bytes": {"up": 4096, "down": 3 * 1024 * 1024},
         "wall_seconds": 3725.0,
-        "compute": {"per_tier": {"8": {"step_seconds": 0.25, "samples": [0.2, 0.25, 0.3], "steps": 30},
-                                 "2": {"step_seconds": 0.125, "samples": [0.125], "steps": 10}}},
+        "compute": {"per_tier": {"8": {"step_seconds": 0.25, "samples": [0.2, 0.25, 0.3], "steps": 30,
+                                       "flops_per_token": 4.0e8},
+                                 "2": {"step_seconds": 0.125, "samples": [0.125], "steps": 10,
+                                       "flops_per_token": 1.0e8}}},
         "final_state_sha256": "abc123",
     }
     if usage:
@@ -60,7 +62,8 @@ def test_full_report(tmp_path):
     assert "| 8 | 1 | 40.00 | 10.00 |" in text  # tier 8 row, clients given as a list
     assert "| client_1 | 2 | 29.12 | 4.50 | 20 |" in text
     assert "| client_0 (k=8) | 40.00 * | 31.00 |" in text and "| client_1 (k=2) | 35.50 | 29.12 * |" in text
-    assert "| 8 | 250.0 ms | 3 | 30 |" in text and "| 2 | 125.0 ms | 1 | 10 |" in text
+    assert "| 8 | 250.0 ms | 1.00 | 400 | 1.00 | 3 | 30 |" in text
+    assert "| 2 | 125.0 ms | 0.50 | 100 | 0.25 | 1 | 10 |" in text
     assert "2.457" in text and "1.988" in text and "lr" in text  # per-round table keeps extra fields
     assert "4.00 KiB" in text and "3.00 MiB" in text
     assert "1:02:05" in text  # wall time

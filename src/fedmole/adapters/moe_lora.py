@@ -15,6 +15,21 @@ does at full top-k (OLMoE and Qwen2-MoE: no, Mixtral: yes, Qwen3-MoE: as
 `norm_topk_prob`), and s_k the tier rescaler (init top_k/k when the gates are
 not renormalised, 1 otherwise).
 
+The gate and up projections are one fused weight in transformers 5 ([gate; up],
+2I x H), and they get one LoRA pair: A^gu (r x H) is shared by both halves and
+B^gu (2I x r) has a gate half and an up half. That is a rank-r update of the
+fused matrix (PEFT's separate gate_proj and up_proj pairs would be two rank-r
+updates, rank up to 2r, with twice the A parameters); the choice keeps one
+grouped matmul per projection and the per-expert tensors the aggregation
+averages.
+
+The frozen base router gets no load-balancing loss: its only gradient would
+reach the LoRA tensors of earlier layers through the hidden states. With
+`train_router` the trained copy does.
+
+For the rank-based baselines (`inject_moe_lora_ranked`) the same block runs the
+model's full top-k and compresses each expert's LoRA by rank instead.
+
 Routed (token, slot) rows are sorted by expert and each projection runs as
 one grouped matmul over the experts' row blocks (`torch.nn.functional.
 grouped_mm`; a per-expert loop over experts that received rows where it is

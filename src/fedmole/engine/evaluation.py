@@ -118,14 +118,22 @@ def read_predictions(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def compute_summary(rounds: list[dict]) -> dict:
+def compute_summary(rounds: list[dict], flops: dict[str, float] | None = None) -> dict:
     """summary.json's `compute` from the per-round `compute` entries of metrics.jsonl:
     per tier, the median over client-rounds of the mean optimizer-step seconds, those
-    per-client-round samples, and the total steps."""
+    per-client-round samples, the total steps, and `flops` (tier -> estimated training
+    FLOPs per token, fedmole.compute) as `flops_per_token`."""
     samples, steps = defaultdict(list), defaultdict(int)
     for row in rounds:
         for c in row.get("compute", []):
             samples[int(c["tier"])].append(float(c["step_seconds"]))
             steps[int(c["tier"])] += int(c["steps"])
-    return {"per_tier": {str(t): {"step_seconds": median(samples[t]), "samples": samples[t], "steps": steps[t]}
-                         for t in sorted(samples, reverse=True)}}
+    flops = flops or {}
+    tiers = sorted(set(samples) | {int(t) for t in flops}, reverse=True)
+    per_tier = {}
+    for t in tiers:
+        entry = {"step_seconds": median(samples[t]), "samples": samples[t], "steps": steps[t]} if samples[t] else {}
+        if str(t) in flops:
+            entry["flops_per_token"] = flops[str(t)]
+        per_tier[str(t)] = entry
+    return {"per_tier": per_tier}

@@ -166,7 +166,7 @@ class LocalEngine:
             "per_client": final["per_client"],
             "per_tier": final["per_tier"],
             "evaluation_missing": final.get("missing", {}),  # clients the final evaluation lacks, and why
-            "compute": compute_summary(read_metrics(out.metrics_path)),
+            "compute": compute_summary(read_metrics(out.metrics_path), self.tier_flops()),
             "comm_bytes": comm,
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
             "final_state_sha256": state_sha256(trained),
@@ -314,6 +314,16 @@ class LocalEngine:
             records += result.pop("records")
             per_client[rt.data.name] = result
         return {**summarise(per_client), "records": records}
+
+    def tier_flops(self) -> dict[str, float]:
+        """Estimated training FLOPs per token at every tier in use, for sequences of data.max_len tokens."""
+        from fedmole.compute import tier_flops
+
+        try:
+            return tier_flops(self.setup.model, self.setup.adapter, self.setup.tiers, self.cfg.data.max_len)
+        except TypeError as e:  # an adapter kind without a FLOPs rule: say so, report time only
+            log.warning("no FLOPs estimate: %s", e)
+            return {}
 
     def make_setup(self, cfg: Config) -> Setup:
         return Setup(cfg)

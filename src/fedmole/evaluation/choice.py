@@ -4,9 +4,13 @@ most likely after the prompt.
 Each option is scored as it would be trained: its tokens followed by EOS, after
 the same prompt encoding (and chat template) that generation uses. The score is
 the mean next-token cross-entropy over those tokens; the lowest wins (ties go
-to the earlier option). Every (example, option) pair of an evaluation runs in
-length-sorted, right-padded batches, and only the option positions go through
-the vocabulary head.
+to the earlier option).
+
+The prompt is computed once for all its options: a batch of left-padded
+prompts runs with a KV cache, the cache is repeated for each option, and only
+the option tokens run again. Only the option positions go through the
+vocabulary head. An example with o options thus costs one prompt pass plus o
+short continuations instead of o full sequences.
 """
 
 from __future__ import annotations
@@ -24,22 +28,71 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def _token_losses(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) next-token losses, zero where labels[:, 1:] is IGNORE."""
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = targets != IGNORE
+def _logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits (float32) of hidden states (n, H), with the head's own soft-capping or scale."""
     cfg = model.config
-    head = model.get_output_embeddings()
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
-    if head is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
-    else:  # project only the option positions: (n, H) -> (n, V)
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  use_cache=False).last_hidden_state  # (B, T, H)
-        logits = head(hidden[:, :-1][keep])
-    out[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-    return out
+    logits = model.get_output_embeddings()(hidden).float()
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _check(prompts, options, batch_size) -> None:
+    if len(prompts) != len(options):
+        raise ValueError(f"got {len(prompts)} prompts but {len(options)} option lists; they must pair up")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, (prompt, opts) in enumerate(zip(prompts, options)):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty; the first option token needs a context to be predicted from")
+        if not opts or any(len(o) == 0 for o in opts):
+            raise ValueError(f"example {i}: options must be a non-empty list of non-empty token-id lists")
+
+
+@torch.no_grad()
+def _score_batch(model: torch.nn.Module, prompts: list[list[int]], options: list[list[list[int]]], pad_id: int,
+                 device: torch.device) -> list[list[float]]:
+    """Mean option losses of one batch of examples (prompt pass with a cache, then the options)."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for row, p in enumerate(prompts):  # left padding: every prompt ends in the last column
+        ids[row, P - len(p):] = torch.tensor(p)
+        mask[row, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # real tokens at 0..len-1, as without padding
+    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    last = out.last_hidden_state[:, -1]  # (B, H): predicts each option's first token
+    cache = out.past_key_values
+
+    owner = [i for i, opts in enumerate(options) for _ in opts]  # row -> example
+    opts = [o for group in options for o in group]
+    R, W = len(opts), max(len(o) for o in opts)
+    cont = torch.full((R, W), pad_id, dtype=torch.long)
+    cont_mask = torch.zeros((R, W), dtype=torch.long)
+    for row, o in enumerate(opts):
+        cont[row, : len(o)] = torch.tensor(o)
+        cont_mask[row, : len(o)] = 1
+    index = torch.tensor(owner, device=device)
+    cache.reorder_cache(index)  # (R, ...): each example's prompt cache once per option
+    full_mask = torch.cat([mask[index], cont_mask.to(device)], dim=1)
+    cont_pos = positions[index, -1:] + 1 + torch.arange(W, device=device)
+    hidden = model.base_model(input_ids=cont.to(device), attention_mask=full_mask, position_ids=cont_pos,
+                              past_key_values=cache, use_cache=False).last_hidden_state  # (R, W, H)
+    # token t of an option is predicted from the position before it: the prompt's last one for t = 0
+    states = torch.cat([last[index].unsqueeze(1), hidden[:, :-1]], dim=1)  # (R, W, H)
+    keep = cont_mask.bool().to(device)
+    losses = torch.zeros((R, W), dtype=torch.float32, device=device)
+    losses[keep] = F.cross_entropy(_logits(model, states[keep]), cont.to(device)[keep], reduction="none")
+    means = (losses.sum(1) / keep.sum(1)).tolist()
+    result = [[0.0] * len(group) for group in options]
+    row = 0
+    for i, group in enumerate(options):
+        for j in range(len(group)):
+            result[i][j] = means[row]
+            row += 1
+    return result
 
 
 def option_losses(
@@ -54,40 +107,23 @@ def option_losses(
     """Mean LM loss of every option of every prompt: result[i][j] for options[i][j].
 
     `prompts[i]` are token ids (non-empty); `options[i]` is a list of non-empty token-id
-    lists (include EOS in them if it should count). Batches hold `batch_size` sequences.
+    lists (include EOS in them if it should count). A batch holds `batch_size` prompts
+    (and all of their options).
     """
-    if len(prompts) != len(options):
-        raise ValueError(f"got {len(prompts)} prompts but {len(options)} option lists; they must pair up")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pairs = []  # (example, option, prompt ids, option ids)
-    for i, (prompt, opts) in enumerate(zip(prompts, options)):
-        if not prompt:
-            raise ValueError(f"prompt {i} is empty; the first option token needs a context to be predicted from")
-        if not opts or any(len(o) == 0 for o in opts):
-            raise ValueError(f"example {i}: options must be a non-empty list of non-empty token-id lists")
-        pairs += [(i, j, list(prompt), list(o)) for j, o in enumerate(opts)]
+    _check(prompts, options, batch_size)
     device = next(model.parameters()).device
-    result = [[0.0] * len(opts) for opts in options]
-    pairs.sort(key=lambda p: len(p[2]) + len(p[3]), reverse=True)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)  # similar lengths together
+    result: list[list[float]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), _autocast(device, autocast_dtype):
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
-                width = max(len(p) + len(o) for _, _, p, o in chunk)
-                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros_like(input_ids)
-                labels = torch.full_like(input_ids, IGNORE)
-                for row, (_, _, p, o) in enumerate(chunk):
-                    input_ids[row, : len(p) + len(o)] = torch.tensor(p + o)
-                    attention_mask[row, : len(p) + len(o)] = 1
-                    labels[row, len(p) : len(p) + len(o)] = torch.tensor(o)
-                losses = _token_losses(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
-                means = losses.sum(1) / (labels[:, 1:] != IGNORE).sum(1).to(device)  # (B,)
-                for (i, j, _, _), m in zip(chunk, means.tolist()):
-                    result[i][j] = m
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                scored = _score_batch(model, [list(prompts[i]) for i in chunk],
+                                      [[list(o) for o in options[i]] for i in chunk], pad_id, device)
+                for i, losses in zip(chunk, scored):
+                    result[i] = losses
     finally:
         model.train(was_training)
     return result

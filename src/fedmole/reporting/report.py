@@ -178,14 +178,24 @@ def _compute_section(compute: dict) -> list[str]:
     if not per_tier:
         return []
     rows = []
+    top = next(iter(per_tier.values()), {})  # the engine lists the largest tier first
     for tier, info in per_tier.items():
         samples = info.get("samples") or []
-        rows.append([_cell("tier", tier), f"{info['step_seconds'] * 1000:.1f} ms", str(len(samples)),
-                     _cell("steps", info.get("steps"))])
+        step = info.get("step_seconds")
+        flops = info.get("flops_per_token")
+        rows.append([
+            _cell("tier", tier),
+            "–" if step is None else (f"{step:.2f} s" if step >= 1 else f"{step * 1000:.1f} ms"),
+            "–" if step is None or not top.get("step_seconds") else f"{step / top['step_seconds']:.2f}",
+            "–" if flops is None else f"{flops / 1e6:.0f}",
+            "–" if flops is None or not top.get("flops_per_token") else f"{flops / top['flops_per_token']:.2f}",
+            str(len(samples)), _cell("steps", info.get("steps"))])
     return ["## Compute per tier", "",
-            "Measured wall time of one optimizer step (forward, backward, update) at each tier's k: the median over "
-            "client-rounds of each client-round's mean.", "",
-            *_table(["tier", "step time (median)", "client-rounds", "steps"], rows), ""]
+            "Measured wall time of one optimizer step (forward, backward, update) at each tier's k, the median over "
+            "client-rounds of each client-round's mean, and the estimated training FLOPs per token of that tier "
+            "(`fedmole.compute`: matmuls, the vocabulary head left out), each also as a ratio to the top tier.", "",
+            *_table(["tier", "step time (median)", "vs top", "MFLOP / token", "vs top", "client-rounds", "steps"],
+                    rows), ""]
 
 
 def _client_section(per_client: dict) -> list[str]:
