@@ -157,7 +157,8 @@ class Method:
 
     def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         """Load the weights this client is evaluated with at `tier` (default: its own); return the k
-        to route with."""
+        to route with. Unless the method is `personalized`, they may depend only on `global_state`
+        and the tier, not on the client: the engine scores many clients with one view."""
         rt.adapter.load_state_dict(global_state)
         return rt.tier if tier is None else tier
 

@@ -28,6 +28,7 @@ from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.evaluation import (
     compute_summary,
     evaluate_client,
+    evaluate_clients,
     headline,
     summarise,
     tiers_to_evaluate,
@@ -302,17 +303,23 @@ class LocalEngine:
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
         """Score every client's eval split at its tier's k (every tier's, with eval.tiers = all);
-        per client, per tier, mean, and the per-example `records`. Clients are opened one at a time."""
+        per client, per tier, mean, and the per-example `records`. Clients are opened as they are
+        scored; a method that is not personalised scores many clients' examples in one batch
+        (`evaluate_clients`)."""
         per_client, records = {}, []
         tiers = tiers_to_evaluate(self.setup)
         state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
-        bar = tqdm(sorted(self.setup.client_data), desc=f"evaluate (round {rnd})", unit="client",
+        bar = tqdm(total=len(self.setup.client_data), desc=f"evaluate (round {rnd})", unit="client",
                    disable=not self.progress, leave=False)
-        for client_id in bar:
-            rt = self.pool.open(client_id, train=False)
-            result = evaluate_client(self.setup, rt, state, tiers)
+        # the global model's view needs no client's kept state: loading it for a whole batch of
+        # clients would hold their stores (optimizer moments, when kept) in memory at once
+        open_client = self.pool.open if self.method.personalized else self.setup.runtime
+        opened = (open_client(c, train=False) for c in sorted(self.setup.client_data))
+        for result in evaluate_clients(self.setup, opened, state, tiers):
             records += result.pop("records")
-            per_client[rt.data.name] = result
+            per_client[self.setup.client_data[result["client_id"]].name] = result
+            bar.update()
+        bar.close()
         return {**summarise(per_client), "records": records}
 
     def tier_flops(self) -> dict[str, float]:
