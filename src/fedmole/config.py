@@ -44,7 +44,8 @@ class RunSection:
     autocast: str = opt("auto", "mixed precision: auto (bf16 where the CPU supports it) | bf16 | off",
                         choices=("auto", "bf16", "off"))
     device: str = opt("auto", "torch device: auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    threads: int = opt(0, "torch CPU threads (0 = torch default)", range=(0, None))
+    threads: int = opt(0, "torch CPU threads (0 = torch default); on flower-sim also the CPUs each client actor "
+                       "claims (0 = all)", range=(0, None))
     progress: bool = opt(True, "show progress bars")
     tracker: str = opt("none", "per-round metrics to an experiment tracker: none | tensorboard (RUN_DIR/tensorboard) "
                        "| mlflow (MLFLOW_TRACKING_URI); needs the extra of that name", choices=("none", "tensorboard",

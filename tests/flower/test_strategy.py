@@ -12,7 +12,8 @@ from fedmole.algorithms.flame import Flame
 from fedmole.engine.local import run_local
 from fedmole.flower import serde
 from fedmole.flower.server_app import serve
-from fedmole.flower.strategy import discover_nodes
+from fedmole.flower.simulation import actor_cpus
+from fedmole.flower.strategy import describe_clients, discover_nodes
 
 
 def _rows(path):
@@ -31,6 +32,26 @@ def test_nodes_serve_the_client_named_by_their_partition_id(grid_factory):
         discover_nodes(grid_factory([{"partition-id": 0}, {"partition-id": 1}, {"partition-id": 1}]), 3, wait_s=1)
     with pytest.raises(RuntimeError, match="only 2 of the 3 nodes"):
         discover_nodes(grid_factory([{}, {}]), 3, wait_s=0.3)
+
+
+def test_start_up_queries_go_a_wave_at_a_time_each_with_its_own_deadline(grid_factory, cfg_factory):
+    grid = grid_factory([{"partition-id": 2}, {"partition-id": 0}, {"partition-id": 1}])
+    asked = []
+    send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, *, timeout=None: (asked.append((len(messages), timeout))
+                                                               or send(messages, timeout=timeout))
+    nodes = discover_nodes(grid, 3, wait_s=5, wave=2)
+    assert sorted(nodes) == [0, 1, 2] and asked == [(2, 5), (1, 5)]
+    asked.clear()
+    infos = describe_clients(grid, {c: n for c, (n, _) in nodes.items()}, serde.config_to_text(cfg_factory()),
+                             wait_s=7, wave=2)
+    assert sorted(infos) == [0, 1, 2] and all(i.test == 4 for i in infos.values()) and asked == [(2, 7), (1, 7)]
+
+
+def test_a_simulation_actor_claims_its_torch_threads(cfg_factory):
+    assert actor_cpus(cfg_factory("run.threads=1"), 16) == 1  # 16 clients side by side
+    assert actor_cpus(cfg_factory("run.threads=0"), 16) == 16  # one at a time, every core
+    assert actor_cpus(cfg_factory("run.threads=32"), 16) == 16
 
 
 def test_failing_and_nan_nodes_are_rejected_with_their_reason(grid_factory, cfg_factory, tmp_path, monkeypatch):

@@ -1,10 +1,13 @@
 """`run.engine = "flower-sim"`: a fedmole run on Flower's Simulation Engine.
 
 One virtual SuperNode per client (`partition-id` = client id); the ServerApp
-runs in this process, the ClientApps in Ray actors. By default each actor
-claims every CPU, so clients train one after another with all cores, as on the
-local engine (which is also what keeps results bit-identical to it: the
-actors run torch with the same thread count).
+runs in this process, the ClientApps in Ray actors. Each actor claims as many
+CPUs as its torch threads (`run.threads`; every CPU when 0), so with
+`run.threads = 1` a machine of n cores runs n clients at once, and with the
+default clients run one after another with all cores, as on the local engine.
+Either way the actors run torch with the local engine's thread count, which
+keeps results bit-identical to it. Each actor builds its own Setup (a base
+model) when it first gets a message.
 
 Each virtual node keeps its client's state between rounds in files under
 RUN_DIR/node-state/ (fedmole.flower.client_app), not in the node's context, so
@@ -33,6 +36,7 @@ def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False,
                    cpus_per_client: int | None = None, client_app=None) -> dict:
     """Run `cfg` on the Simulation Engine, write `run_dir`, return the summary.
 
+    cpus_per_client: CPUs each Ray actor claims (default: run.threads, every CPU when 0).
     client_app: the ClientApp the virtual nodes run (fedmole's by default; a wrapper of it
     must live in an importable module, since Ray ships it to the actors by reference).
     """
@@ -66,7 +70,7 @@ def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False,
             client_app=client_app,
             num_supernodes=cfg.data.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": cpus_per_client or cpus, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": cpus_per_client or actor_cpus(cfg, cpus), "num_gpus": 0.0},
                 "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
                               "_node_ip_address": "127.0.0.1"},
             },
@@ -79,6 +83,12 @@ def run_flower_sim(cfg: Config, run_dir: str | Path, *, resume: bool = False,
     if not summary:
         raise RuntimeError("the Flower simulation ended without a summary; its log above says why")
     return summary
+
+
+def actor_cpus(cfg: Config, cpus: int) -> int:
+    """CPUs a client's Ray actor claims on a machine of `cpus`: its torch threads (run.threads),
+    all of them when 0; Ray then runs cpus // that many actors side by side."""
+    return min(cfg.run.threads or cpus, cpus)
 
 
 def loopback_ray() -> None:

@@ -36,13 +36,28 @@ log = logging.getLogger("fedmole")
 NODE_ALLOWANCE = 60.0  # seconds a node may need beyond its update: starting a ClientApp, building its Setup
 
 
-def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[int, tuple[int, int | None]]:
+def ask_in_waves(grid: Grid, messages: list[Message], wait_s: float, wave: int = 0) -> list[Message]:
+    """The replies to `messages`, sent `wave` at a time (0: all at once), each wave given `wait_s`
+    seconds, so the time allowed grows with the number of messages.
+
+    Flower's in-memory SuperLink (the Simulation Engine's) scans every pending message for
+    every node it serves: a population's worth of messages pending at once costs time that
+    grows with the square of the population, and starves the replies."""
+    step = wave or len(messages) or 1
+    replies: list[Message] = []
+    for i in range(0, len(messages), step):
+        replies += grid.send_and_receive(messages[i:i + step], timeout=wait_s)
+    return replies
+
+
+def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0, wave: int = 0
+                   ) -> dict[int, tuple[int, int | None]]:
     """Client id -> (node id, tier the node declares or None), for `num_clients` clients.
 
-    Waits up to `wait_s` for enough nodes, then asks every node for its node config.
-    Nodes that declare `partition-id` (the Simulation Engine sets it; SuperNodes take
-    it from `--node-config`) serve that client; if none declares one, clients are
-    the sorted node ids in order.
+    Waits up to `wait_s` for enough nodes, then asks every node for its node config,
+    `wave` nodes at a time (0: all at once), each wave within `wait_s`. Nodes that declare
+    `partition-id` (the Simulation Engine sets it; SuperNodes take it from `--node-config`)
+    serve that client; if none declares one, clients are the sorted node ids in order.
     """
     deadline = time.monotonic() + wait_s
     while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
@@ -53,7 +68,7 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
     query = [Message(RecordDict({"query": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
                      message_type=MessageType.QUERY) for n in node_ids]
     declared: dict[int, tuple[int, int]] = {}  # node -> (partition id, tier), -1 / 0 when not given
-    for reply in grid.send_and_receive(query, timeout=wait_s):
+    for reply in ask_in_waves(grid, query, wait_s, wave):
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
         try:
@@ -89,15 +104,16 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
     return {c: (n, declared[n][1] if declared[n][1] > 0 else None) for c, n in chosen.items()}
 
 
-def describe_clients(grid: Grid, nodes: dict[int, int], config_text: str, wait_s: float = 120.0
+def describe_clients(grid: Grid, nodes: dict[int, int], config_text: str, wait_s: float = 120.0, wave: int = 0
                      ) -> dict[int, ClientInfo]:
     """Client id -> what its node declares about its data when the run starts: name, training and
-    test example counts. These bound what the node's replies may claim later (engine/guard.py);
-    a repeated or unusable name becomes "clientN", as `build_clients` names clients."""
+    test example counts, asked `wave` nodes at a time, each wave within `wait_s`. These bound what
+    the node's replies may claim later (engine/guard.py); a repeated or unusable name becomes
+    "clientN", as `build_clients` names clients."""
     sent = [Message(RecordDict({"query": ConfigRecord({"ask": "describe", "client-id": c}),
                                 "fedmole": serde.config_record(config_text)}),
                     dst_node_id=n, message_type=MessageType.QUERY) for c, n in nodes.items()]
-    got, failures = FedmoleStrategy.match(sent, list(nodes), grid.send_and_receive(sent, timeout=wait_s), wait_s)
+    got, failures = FedmoleStrategy.match(sent, list(nodes), ask_in_waves(grid, sent, wait_s, wave), wait_s)
     if failures:
         raise RuntimeError(f"nodes could not describe their clients' data: {failures}")
     infos = {}
