@@ -47,6 +47,20 @@ def test_start_up_queries_go_a_wave_at_a_time_each_with_its_own_deadline(grid_fa
                              wait_s=7, wave=2)
     assert sorted(infos) == [0, 1, 2] and all(i.test == 4 for i in infos.values()) and asked == [(2, 7), (1, 7)]
 
+    # a node whose first answer comes too late (its ClientApp still starting) is asked once more
+    slow_nodes = set(sorted(grid.contexts)[::2])  # two of the three, one in each wave
+
+    def late_once(messages, *, timeout=None):
+        asked.append(len(messages))
+        replies = send(messages, timeout=timeout)
+        kept = [r for r in replies if r.metadata.src_node_id not in slow_nodes]
+        slow_nodes.difference_update(r.metadata.src_node_id for r in replies)
+        return kept
+
+    asked.clear()
+    grid.send_and_receive = late_once
+    assert discover_nodes(grid, 3, wait_s=5, wave=2) == nodes and asked == [2, 1, 2]
+
 
 def test_a_simulation_actor_claims_its_torch_threads(cfg_factory):
     assert actor_cpus(cfg_factory("run.threads=1"), 16) == 1  # 16 clients side by side

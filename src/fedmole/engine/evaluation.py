@@ -124,6 +124,7 @@ def evaluate_clients(setup, runtimes: Iterable[ClientRuntime], global_state: Sta
 
 def _evaluate_together(setup, chunk: list[tuple[ClientRuntime, list]], global_state: State,
                        tiers: list[int] | None) -> list[dict]:
+    """The results of (runtime, its examples) pairs scored together: one prediction per tier."""
     labels = [_labels(setup, rt, tiers) for rt, _ in chunk]
     k_of: dict[int, int] = {}
     scored: list[dict[int, list[dict]]] = [{} for _ in chunk]
