@@ -76,3 +76,15 @@ def test_verbose_shows_fedmole_debug_lines_only(capsys):
     logging.getLogger("matplotlib.font_manager").debug("font lookup")
     err = capsys.readouterr().err
     assert "debug fedmole.test: ours" in err and "font lookup" not in err
+
+
+def test_a_method_without_tiers_prints_no_tier_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "tiny", "--set", "method=fedamole", "--set", "fedamole.pool_size=6",
+                 "--set", "fedamole.max_experts=4", *QUICK, "--out", "R"]) == 0
+    captured = capsys.readouterr()
+    assert "no tiers: fedamole's clients differ in data" in captured.err
+    assert "tiers (experts per token)" not in captured.err and "  k=" not in captured.err
+    assert "(personalized evaluation)" in captured.out and "tier k=" not in captured.out
+    summary = json.loads((tmp_path / "R" / "summary.json").read_text())
+    assert summary["per_tier"] == {} and summary["protocol"] == "personalized"

@@ -102,6 +102,8 @@ def test_a_tracker_that_is_not_installed_fails_at_load_time(monkeypatch):
         load_config(None, ["run.tracker=mlflow"])
     with pytest.raises(ConfigError, match="allowed: none, tensorboard, mlflow"):
         load_config(None, ["run.tracker=wandb"])
+
+
 def test_shuffled_tiers_are_a_seeded_permutation():
     base = ["data.num_clients=8", "fed.tiers=[8, 4, 2, 1]", "adapter.num_experts=8"]
     fixed = assign_tiers(load_config(None, base))
@@ -126,3 +128,20 @@ def test_methods_that_restart_their_adapter_refuse_kept_moments(method):
                                           "allowed: reset"):
         load_config("configs/tiny.toml", [f"method={method}", "train.optimizer_state=keep"])
     assert load_config("configs/tiny.toml", ["method=hetlora", "train.optimizer_state=keep"]).train.optimizer_state == "keep"
+
+
+def test_evaluation_protocol_per_method():
+    from fedmole.config import eval_protocol
+
+    assert eval_protocol(load_config(None, [])) == "global"
+    assert eval_protocol(load_config("configs/tiny.toml", ["method=fedamole"])) == "personalized"
+    assert eval_protocol(load_config("configs/tiny.toml", ["method=local"])) == "personalized"
+    for method in ("flame", "fedit", "hetlora", "flexlora", "flora", "centralized"):
+        cfg = load_config("configs/tiny.toml", [f"method={method}", "eval.protocol=personalized"])
+        assert eval_protocol(cfg) == "personalized" and cfg.to_dict()["eval"]["protocol"] == "personalized"
+    for method in ("fedamole", "local"):
+        with pytest.raises(ConfigError, match=rf"eval.protocol = 'global': {method} evaluates each client's own "
+                                              r"model .*allowed: auto, personalized"):
+            load_config("configs/tiny.toml", [f"method={method}", "eval.protocol=global"])
+    with pytest.raises(ConfigError, match="eval.protocol = 'best'; allowed: auto, global, personalized"):
+        load_config(None, ["eval.protocol=best"])

@@ -220,3 +220,35 @@ def test_cli_study_prints_verdicts(small_study, capsys):
     assert main(["study", str(path), "--out", str(out)]) == 0  # finished: only the analysis runs again
     printed = capsys.readouterr().out
     assert "flame > local on accuracy" in printed and "study directory:" in printed
+
+
+def test_an_arm_without_tiers_takes_part_in_overall_claims_only(tmp_path):
+    """FedAMoLE has no tiers: a per-tier or compute claim on it fails before any work; sizes have no tiers."""
+    from fedmole.study import size_warnings
+
+    body = "[arms.fedamole]\nlr = 0.01\n[arms.fedit]\nlr = 0.01\n"
+    head = f'set = {json.dumps([*FAST, "eval.protocol=personalized"])}\n'
+    ran = []
+    for claim in ("fedamole > fedit on accuracy at tier 1", "fedamole at tier 1 step_seconds <= 1 x fedit at tier 1"):
+        path = write_study(tmp_path, body, head + f"claims = [{json.dumps(claim)}]")
+        with pytest.raises(ConfigError, match="arm fedamole \\(fedamole\\) has no tiers; claim it overall"):
+            run_study(load_study(path), tmp_path / "out", runner=lambda c, d: ran.append(d))
+    assert ran == [] and not (tmp_path / "out").exists()
+    study = load_study(write_study(tmp_path, body, head + 'claims = ["fedamole > fedit on accuracy"]'))
+    configs = {(a.name, 0): resolve(study, a, 0, a.lr) for a in study.arms}
+    _, sizes = size_warnings(study, configs)
+    assert sizes["fedamole"]["per_tier"] == {} and sizes["fedamole"]["overall"] == sizes["fedit"]["overall"]
+    # personalised: each client's own model at its own tier, even under eval.tiers = all
+    configs = {(a.name, 0): resolve(study, a, 0, a.lr, ["eval.tiers=all"]) for a in study.arms}
+    assert sum(size_warnings(study, configs)[1]["fedit"]["per_tier"].values()) == sizes["fedit"]["overall"]
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/studies").glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_study_files_resolve_every_run(path):
+    from fedmole.config import eval_protocol
+
+    study = load_study(path)
+    configs = [resolve(study, arm, s, arm.lr) for arm in study.arms for s in study.seeds]
+    assert configs and {c.run.engine for c in configs} == {"local"}
+    if path.stem == "fedamole":  # like with like: every arm scores each client's own model
+        assert {eval_protocol(c) for c in configs} == {"personalized"}

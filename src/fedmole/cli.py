@@ -72,7 +72,7 @@ def _execute(cfg, run_dir: Path, resume: bool) -> int:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     m, b = summary["metrics"], summary["baseline_metrics"]
-    print(f"run directory: {run_dir}")
+    print(f"run directory: {run_dir} ({summary['protocol']} evaluation)")
     if b:
         print(f"ROUGE-L before training: {b['rouge_l']:.2f}   after: {m['rouge_l']:.2f}   "
               f"(exact match {b['exact_match']:.2f} -> {m['exact_match']:.2f})")
@@ -204,7 +204,7 @@ def _methods(args: argparse.Namespace) -> int:
 
 
 def _view_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--client", help="client name or id (personalised methods: required)")
+    p.add_argument("--client", help="client name or id (personalised runs: required)")
     p.add_argument("--tier", type=int, help="experts per token k (default: the client's tier, else the largest)")
 
 

@@ -77,6 +77,9 @@ class DataSection:
     max_val: int = opt(0, "validation examples per client (0 = all)", range=(0, None))
     val_frac: float = opt(0.1, "validation fraction", range=(0.0, 0.5))
     test_frac: float = opt(0.1, "test fraction", range=(0.0, 0.5))
+    aux_frac: float = opt(0.04, "aux fraction: held out from training for no-grad passes (FedAMoLE's embeddings)",
+                          range=(0.0, 0.5))
+    aux_max: int = opt(200, "most aux examples per client (0 = no cap)", range=(0, None))
     max_len: int = opt(256, "tokens per training sequence (the instruction is truncated, never the answer)",
                        range=(16, None))
     max_answer_tokens: int = opt(64, "answer tokens kept for training", range=(1, None))
@@ -111,16 +114,21 @@ class AdapterSection:
 class TrainSection:
     local_steps: int = opt(10, "optimizer steps per client per round", range=(1, None))
     batch_size: int = opt(8, "sequences per step", range=(1, None))
-    lr: float = opt(1e-3, "AdamW learning rate", range=(0.0, 1.0))
-    rescale_lr: float = opt(1e-2, "learning rate of the learned tier rescalers (their own AdamW group, no weight "
+    lr: float = opt(1e-3, "learning rate (of round 1; see lr_decay)", range=(0.0, 1.0))
+    rescale_lr: float = opt(1e-2, "learning rate of the learned tier rescalers (their own optimizer group, no weight "
                             "decay: one scalar per tier and module moves too little at the LoRA rate)",
                             range=(0.0, 1.0))
-    weight_decay: float = opt(0.0, "AdamW weight decay", range=(0.0, None))
+    weight_decay: float = opt(0.0, "weight decay (decoupled for adamw, an L2 term for adam)", range=(0.0, None))
     grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", range=(0.0, None))
-    optimizer_state: str = opt("reset", "AdamW moments across rounds: reset (each round's local training starts a "
+    optimizer_state: str = opt("reset", "optimizer moments across rounds: reset (each round's local training starts a "
                                "fresh optimizer, as FedIT, FedAMoLE's code and FlowerTune do) | keep (a client "
                                "resumes its own moments, kept at rest with its state; not for flexlora, flora, "
                                "fedamole)", choices=("reset", "keep"))
+    optimizer: str = opt("adamw", "local optimizer: adamw | adam (FedAMoLE's official recipe)",
+                         choices=("adamw", "adam"))
+    eps: float = opt(1e-8, "Adam epsilon (FedAMoLE's official recipe: 1e-6)", range=(0.0, 1.0))
+    lr_decay: float = opt(1.0, "learning-rate factor per round, the same for every method: round t trains at "
+                          "lr * lr_decay^(t-1) (FedAMoLE's official recipe: 0.99; 1 = constant)", range=(1e-6, 1.0))
 
 
 @dataclass
@@ -165,6 +173,10 @@ class EvalSection:
     max_new_tokens: int = opt(32, "greedy decoding bound", range=(1, None))
     batch_size: int = opt(16, "prompts per generation batch", range=(1, None))
     max_prompt_tokens: int = opt(256, "prompt length cap at evaluation", range=(16, None))
+    protocol: str = opt("auto", "what is evaluated: global (the aggregated model) | personalized (each client's "
+                        "model after its latest local training, the '-FT' protocol) | auto (personalized for local "
+                        "and fedamole, which have no global model to evaluate; global otherwise)",
+                        choices=("auto", "global", "personalized"))
     tiers: str = opt("own", "evaluation: each client at its own tier (own), or every client's test set at "
                      "every tier's k in use (all: per-tier figures compare like with like)", choices=("own", "all"))
     before: bool = opt(True, "evaluate the model before training (round 0)")
@@ -388,8 +400,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"
         )
-    if cfg.data.val_frac + cfg.data.test_frac >= 0.9:
-        raise ConfigError("data.val_frac + data.test_frac must stay below 0.9")
+    if cfg.data.val_frac + cfg.data.test_frac + cfg.data.aux_frac >= 0.9:
+        raise ConfigError("data.val_frac + data.test_frac + data.aux_frac must stay below 0.9")
     if cfg.data.partition == "task" and cfg.data.tasks and len(cfg.data.tasks) < cfg.data.num_clients:
         raise ConfigError(
             f"data.tasks lists {len(cfg.data.tasks)} tasks but data.num_clients = {cfg.data.num_clients}; "
@@ -400,6 +412,12 @@ def validate(cfg: Config) -> None:
                           f"run.engine = {cfg.run.engine!r}")
     if cfg.eval.max_prompt_tokens + cfg.eval.max_new_tokens > 4096:
         raise ConfigError("eval.max_prompt_tokens + eval.max_new_tokens must stay within 4096")
+    from fedmole.algorithms import METHODS
+
+    protocols = METHODS[cfg.run.method].protocols
+    if cfg.eval.protocol not in ("auto", *protocols):
+        raise ConfigError(f"eval.protocol = {cfg.eval.protocol!r}: {cfg.run.method} evaluates each client's own "
+                          f"model and has no global one to evaluate; allowed: auto, {', '.join(protocols)}")
     check = getattr(cfg.method_options(), "check", None)  # the method's own cross-field rules
     if check is not None:
         check(cfg)
@@ -427,6 +445,13 @@ def check_adapter_options(cfg: Config, moe: bool) -> None:
                 f"({cfg.model.name}): {method.ignored_reason(key, moe)}; remove it (options used here: "
                 f"{', '.join(f'adapter.{u}' for u in sorted(used))})"
             )
+
+
+def eval_protocol(cfg: Config) -> str:
+    """eval.protocol with `auto` resolved to the run method's own protocol."""
+    from fedmole.algorithms import METHODS
+
+    return METHODS[cfg.run.method].protocols[0] if cfg.eval.protocol == "auto" else cfg.eval.protocol
 
 
 TIER_SHUFFLE_SALT = 7_919  # separates the tier permutation's stream from the other uses of run.seed

@@ -76,8 +76,9 @@ def format_count(n: int) -> str:
 
 
 def startup_lines(*, method: str, engine: str, model: str, base_params: int, trainable_params: int,
-                  device: str, precision: str, rounds: int, run_dir: str, data: dict) -> list[str]:
-    """The start-up summary: what runs where, on which clients (`data` is the summary's `data` block)."""
+                  device: str, precision: str, rounds: int, run_dir: str, data: dict, tiered: bool = True) -> list[str]:
+    """The start-up summary: what runs where, on which clients (`data` is the summary's `data` block;
+    `tiered` False: the method's clients have no tiers, and none are printed)."""
     lines = [
         f"method {method} on the {engine} engine, {rounds} round(s); run directory {run_dir}",
         f"model {model}: {format_count(base_params)} base parameters (frozen), "
@@ -90,12 +91,16 @@ def startup_lines(*, method: str, engine: str, model: str, base_params: int, tra
         return lines
     lines.append(f"data {data['source']}: {data['rows_loaded']} rows loaded, {data['rows_used']} used "
                  f"by {len(data['clients'])} clients ({data['partition']} partition)")
-    tiers = sorted({c["tier"] for c in data["clients"]}, reverse=True)
-    lines.append("tiers (experts per token): " + ", ".join(
-        f"k={t} x{sum(c['tier'] == t for c in data['clients'])}" for t in tiers))
+    if tiered:
+        tiers = sorted({c["tier"] for c in data["clients"]}, reverse=True)
+        lines.append("tiers (experts per token): " + ", ".join(
+            f"k={t} x{sum(c['tier'] == t for c in data['clients'])}" for t in tiers))
+    else:
+        lines.append(f"no tiers: {method}'s clients differ in data, not compute (fed.tiers does not apply)")
     width = max(len(c["name"]) for c in data["clients"])
     for c in data["clients"]:
-        lines.append(f"  client {c['client_id']} {c['name']:<{width}}  k={c['tier']}  train {c['train']}  "
+        tier = f"  k={c['tier']}" if tiered else ""
+        lines.append(f"  client {c['client_id']} {c['name']:<{width}}{tier}  train {c['train']}  "
                      f"val {c['val']}  test {c['test']}  aux {c['aux']}")
     return lines
 

@@ -4,12 +4,13 @@ view one client or one tier is evaluated with, in eval mode (dropout off).
 `load_run(RUN_DIR, client=..., tier=...)` rebuilds the base model and adapter
 from the run's `config.toml`, loads `adapter.safetensors` (the method's final
 state) and lets the method put in the weights it evaluates a client with
-(`Method.eval_view`): the global adapter at the tier's k for FLAME, the tier's
-rank view for the LoRA baselines, the merged base plus LoRA for FLoRA, and the
-client's own model for the personalised methods (local, FedAMoLE), which is
-read from the run's last checkpoint. `generate` and `evaluate` then run the
-same prompt encoding (chat template, truncation) and greedy decoding as
-evaluation during training.
+(`Method.eval_view`): under the global protocol, the global adapter at the
+tier's k for FLAME, the tier's rank view for the LoRA baselines, the merged base
+plus LoRA for FLoRA; under the personalised protocol (always for local and
+FedAMoLE), the client's own model, read from `RUN_DIR/clients/`
+(`fedmole.engine.personal`). `generate` and `evaluate` then run the same prompt
+encoding (chat template, truncation) and greedy decoding as evaluation during
+training.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fedmole.adapters.inject import MoLEAdapter
 from fedmole.adapters.lora import LoRAAdapter
 from fedmole.algorithms import METHODS
 from fedmole.algorithms.base import ClientRuntime, Method
-from fedmole.config import Config, assign_tiers, load_config
+from fedmole.config import Config, assign_tiers, eval_protocol, load_config
 from fedmole.data.tokenize import encode_prompt
 from fedmole.data.types import Example
 from fedmole.evaluation.generate import greedy_generate, stop_token_ids
@@ -135,10 +136,10 @@ def load_run(run_dir: str | Path, *, client: str | int | None = None, tier: int 
              device: str | None = None) -> LoadedRun:
     """Load a finished run for inference in the view of `client` (name or id) and/or `tier`.
 
-    Global methods: k = `tier`, else the client's tier, else the largest tier of the run;
-    the weights are those a client of that tier is evaluated with. Personalised methods
-    (local, fedamole) need `client` and use its own model. The model comes back in
-    eval mode on `device` (default: the run's `run.device`).
+    Global protocol: k = `tier`, else the client's tier, else the largest tier of the run;
+    the weights are those a client of that tier is evaluated with. Personalised protocol
+    (always for local and fedamole): `client` is needed and its own model is used. The
+    model comes back in eval mode on `device` (default: the run's `run.device`).
     """
     from fedmole.engine.setup import pick_autocast, pick_device
 
@@ -147,26 +148,30 @@ def load_run(run_dir: str | Path, *, client: str | int | None = None, tier: int 
     clients = run_clients(run_dir)
     chosen = find_client(clients, client) if client is not None else None
     method_cls = METHODS[cfg.run.method]
-    if method_cls.personalized and chosen is None:
+    personalized = eval_protocol(cfg) == "personalized"
+    if personalized and chosen is None:
         listed = ", ".join(f"{c.client_id} ({c.name})" for c in clients)
-        raise RunError(f"{cfg.run.method} trains one model per client: choose one with --client; clients: {listed}")
+        raise RunError(f"this {cfg.run.method} run evaluated each client's own model: choose one with --client; "
+                       f"clients: {listed}")
 
     model, tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
     tiers = assign_tiers(cfg)
     options = cfg.method_options()
     adapter = method_cls.build_adapter(model, cfg.adapter, cfg.run.seed, tiers, options)
     method = method_cls(options, adapter, tiers, cfg.run.seed)
+    method.set_protocol(eval_protocol(cfg))
     saved = load_file(str(run_dir / "adapter.safetensors"))
     global_state = method.load_final_state(saved)  # also restores what final_state added (FlexLoRA's factors...)
     extras = {k: v for k, v in saved.items() if k not in global_state}
     # eval_view takes the final state, as the engines give it (FLoRA's merged deltas travel with it)
 
-    if method_cls.personalized:
+    if personalized:
         if tier is not None and tier != chosen.tier:
-            raise RunError(f"{cfg.run.method} evaluates client {chosen.name!r} with its own model at its tier "
+            raise RunError(f"this run evaluated client {chosen.name!r} with its own model at its tier "
                            f"{chosen.tier}; --tier {tier} does not apply")
-        store = _final_client_store(run_dir, cfg, method, chosen.client_id)
-        k = method.eval_view(_runtime(chosen, adapter, store), saved)
+        own = _client_state(run_dir, chosen)
+        k = method.load_view(_runtime(chosen, adapter, {}), own)
+        extras = {key: v for key, v in own.items() if key not in method.load_final_state(own)}
     else:
         k = tier if tier is not None else (chosen.tier if chosen else max(tiers))
         holder = chosen if chosen is not None and chosen.tier == k else next((c for c in clients if c.tier == k), None)
@@ -200,24 +205,15 @@ def _runtime(client: ClientInfo, adapter: MoLEAdapter, store: dict) -> ClientRun
                          store=store)
 
 
-def _final_client_store(run_dir: Path, cfg: Config, method: Method, client_id: int) -> dict:
-    """A client's store (its personal model) as the run's last checkpoint names it; the server state goes into
-    `method`."""
-    from fedmole.engine.client_state import RunClientStates
-    from fedmole.reporting.rundir import RunDir
+def _client_state(run_dir: Path, client: ClientInfo) -> State:
+    """The state `client` was evaluated with, from RUN_DIR/clients/."""
+    from fedmole.engine.personal import load_client_state
 
-    ckpt = RunDir(run_dir).load_checkpoint() if (run_dir / "checkpoints").is_dir() else None
-    if ckpt is None:
-        raise RunError(f"{cfg.run.method} keeps each client's model in the run's checkpoints, and {run_dir} has "
-                       "none left (`fedmole compare` deletes them unless --keep-checkpoints)")
-    if int(ckpt["meta"]["round"]) != cfg.run.rounds:
-        raise RunError(f"the newest usable checkpoint of {run_dir} is round {ckpt['meta']['round']}, "
-                       f"not the final round {cfg.run.rounds}")
-    method.load_state_dict(ckpt["server"])
-    if ckpt["clients"] is None:
-        raise RunError(f"the checkpoint of {run_dir} keeps its clients' state inside it (an older fedmole's layout)")
-    saved = RunClientStates(run_dir).read(ckpt["clients"], client_id)
-    return saved[0] if saved is not None else {}
+    try:
+        return load_client_state(run_dir, client.client_id)
+    except FileNotFoundError:
+        raise RunError(f"{run_dir} holds no adapter of client {client.name!r} under clients/ (a personalised run "
+                       "keeps each client's model there; on the Flower engines it stays on the client's node)") from None
 
 
 def read_examples(path: str | Path) -> list[Example]:

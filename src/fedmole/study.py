@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmole.config import SECTIONS, Config, ConfigError, assign_tiers, load_config
+from fedmole.config import SECTIONS, Config, ConfigError, assign_tiers, eval_protocol, load_config
 from fedmole.evaluation.predict import METRICS
 
 log = logging.getLogger("fedmole")
@@ -284,15 +284,16 @@ def finished(run_dir: Path, cfg: Config) -> bool:
     return True
 
 
-def test_sizes(cfg: Config, cross_tier: bool) -> tuple[int, dict[int, int]]:
-    """(test examples scored overall, per tier) of one run, from its data and tier map (no model)."""
+def test_sizes(cfg: Config, cross_tier: bool, tiered: bool = True) -> tuple[int, dict[int, int]]:
+    """(test examples scored overall, per tier) of one run, from its data and tier map (no model);
+    no tiers for a method without them (`Method.tiered`)."""
     from fedmole.engine.setup import build_client_data
 
     clients = build_client_data(cfg)
     tiers = assign_tiers(cfg)
     overall = sum(len(c.test) for c in clients)
     per_tier: dict[int, int] = {}
-    for c in clients:
+    for c in clients if tiered else []:
         scored_at = sorted(set(tiers), reverse=True) if cfg.eval.tiers == "all" and cross_tier else [tiers[c.client_id]]
         for t in scored_at:
             per_tier[t] = per_tier.get(t, 0) + len(c.test)
@@ -306,7 +307,10 @@ def size_warnings(study: Study, configs: dict[tuple[str, int], Config]) -> tuple
 
     warnings, sizes = [], {}
     for arm in study.arms:
-        counts = [test_sizes(configs[arm.name, s], METHODS[arm.method].cross_tier_eval) for s in study.seeds]
+        method = METHODS[arm.method]
+        # a personalised evaluation scores each client's own model at its own tier only
+        cross = method.cross_tier_eval and eval_protocol(configs[arm.name, study.seeds[0]]) == "global"
+        counts = [test_sizes(configs[arm.name, s], cross, method.tiered) for s in study.seeds]
         overall = min(c[0] for c in counts)
         per_tier = {t: min(c[1].get(t, 0) for c in counts) for t in counts[0][1]}
         sizes[arm.name] = {"overall": overall, "per_tier": per_tier}
@@ -411,7 +415,13 @@ def run_study(study: Study, out: str | Path, *, strict: bool = False, keep_check
     out = Path(out)
     # Resolve every run (at the base or fixed lr) before any work: bad overrides fail here.
     base = {(arm.name, s): resolve(study, arm, s, arm.lr) for arm in study.arms for s in study.seeds}
+    from fedmole.algorithms import METHODS
+
     for claim in study.claims:
+        untiered = [n for n in (claim.a, claim.b) if not METHODS[study.arm(n).method].tiered]
+        if untiered and (claim.tier is not None or claim.kind == "compute"):
+            raise ConfigError(f"claim {claim.text!r}: arm {untiered[0]} ({study.arm(untiered[0]).method}) has no "
+                              "tiers; claim it overall ('A > B on METRIC')")
         in_use = set(assign_tiers(base[claim.a, study.seeds[0]]))
         for t in (claim.tier, claim.tier_a, claim.tier_b):
             if t is not None and t not in in_use:

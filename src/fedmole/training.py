@@ -40,16 +40,24 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
 @dataclass
 class LocalTrainer:
-    """AdamW on the adapter tensors; loss on answer tokens plus the load-balancing loss.
+    """Adam(W) on the adapter tensors; loss on answer tokens plus the load-balancing loss.
 
-    Learned tier rescalers get their own parameter group (`rescale_lr`, no weight
-    decay): each is one scalar per tier and module, which at the LoRA rate moves
-    by well under 1% in a short local budget, and decay would pull it towards 0
-    instead of its k_ref/k start.
+    `optimizer` is `adamw` (decoupled weight decay) or `adam` (weight decay as an L2
+    term; FedAMoLE's official recipe, with eps 1e-6). Round t trains at
+    lr * lr_decay^(t-1), the same schedule for every method; the rate is set after
+    restoring kept optimizer moments, whose saved state would otherwise bring back the
+    rate of the round that saved them. Learned tier rescalers get their own parameter
+    group (`rescale_lr`, decayed alike, no weight decay): each is one scalar per tier
+    and module, which at the LoRA rate moves by well under 1% in a short local budget,
+    and decay would pull it towards 0 instead of its k_ref/k start. `grad_clip` = 0
+    leaves the gradients unclipped.
 
-    `keep_optimizer` (train.optimizer_state = keep) carries a client's AdamW moments from one
+    `keep_optimizer` (train.optimizer_state = keep) carries a client's Adam(W) moments from one
     round's local training to its next, through the client's store; otherwise every round
     starts a fresh optimizer (reset, as FedIT, FedAMoLE's code and FlowerTune do).
 
@@ -67,24 +75,37 @@ class LocalTrainer:
     autocast_dtype: torch.dtype | None = None
     rescale_lr: float | None = None  # None: the LoRA rate
     keep_optimizer: bool = False
+    optimizer: str = "adamw"
+    eps: float = 1e-8
+    lr_decay: float = 1.0
     step_seconds: list[float] = field(default_factory=list, repr=False, compare=False)
 
-    def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, params=None) -> float:
-        """Run `steps` optimizer steps with k active experts; return the mean loss.
+    def round_lr(self, rnd: int) -> tuple[float, float]:
+        """(adapter rate, rescaler rate) of round `rnd` (1-based)."""
+        factor = self.lr_decay ** (rnd - 1)
+        return self.lr * factor, (self.rescale_lr or self.lr) * factor
+
+    def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, *, rnd: int, params=None) -> float:
+        """Run `steps` optimizer steps of round `rnd` with k active experts; return the mean loss.
 
         `store` is the client's persistent dict: with `keep_optimizer`, its optimizer state is
         restored from and saved to `store["optimizer"]`. `params` restricts training to a
         subset of the adapter tensors (default: all).
         """
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         params = list(adapter.parameters()) if params is None else list(params)
         rescalers = {id(p) for p in adapter.rescale_parameters()}
-        groups = [{"params": [p for p in params if id(p) not in rescalers]}]
+        lr, rescale_lr = self.round_lr(rnd)
+        groups = [{"params": [p for p in params if id(p) not in rescalers], "lr": lr}]
         scales = [p for p in params if id(p) in rescalers]
         if scales:
-            groups.append({"params": scales, "lr": self.rescale_lr or self.lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+            groups.append({"params": scales, "lr": rescale_lr, "weight_decay": 0.0})
+        optimizer = OPTIMIZERS[self.optimizer](groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay)
         if self.keep_optimizer and "optimizer" in store:
             optimizer.load_state_dict(store["optimizer"])
+            for group, rate in zip(optimizer.param_groups, (lr, rescale_lr)):
+                group["lr"], group["eps"] = rate, self.eps
         model = adapter.model
         model.train()
         total = 0.0

@@ -142,3 +142,14 @@ def test_embedding_pass_means_over_real_tokens():
     torch.testing.assert_close(layer.embedding.query / layer.embedding.tokens, (real @ layer.token_proj.t()).mean(0))
     for row, j in enumerate((0, 3)):
         torch.testing.assert_close(layer.embedding.keys[row] / 6, (real @ layer.lora_A[j].t()).mean(0))
+    # a second batch: the clip bounds are the largest batch-mean norms
+    y = 3 * torch.randn(4, 12, dtype=torch.float64)
+    layer.routing.token_mask = None
+    with torch.no_grad():
+        layer(y)
+    with torch.no_grad():
+        means = [real @ layer.token_proj.t(), y @ layer.token_proj.t()]
+    assert layer.embedding.query_bound == pytest.approx(max(float(m.mean(0).norm()) for m in means))
+    for row, j in enumerate((0, 3)):
+        expected = max(float((z @ layer.lora_A[j].detach().t()).mean(0).norm()) for z in (real, y))
+        assert float(layer.embedding.key_bounds[row]) == pytest.approx(expected)

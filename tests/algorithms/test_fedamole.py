@@ -19,7 +19,8 @@ from fedmole.algorithms.fedamole import (
 from fedmole.config import ConfigError, load_config
 from fedmole.data.tokenize import collate_train
 from fedmole.data.types import ClientData
-from fedmole.messages import Reply
+from fedmole.engine.personal import joint_sha256, load_client_state
+from fedmole.messages import Reply, state_sha256
 from fedmole.models import tiny_llama
 from fedmole.training import LocalTrainer
 
@@ -100,7 +101,8 @@ def direct_embeddings(adapter, batch):
 def test_embeddings_come_from_the_aux_split_only():
     method, adapter, rt = small_client()
     adapter.load_held_state(method.configure(1, [0], method.initial_state(adapter))[0].state)
-    extra = method.embed(rt)  # rt.batches raises if touched
+    extra, bounds = method.embed(rt)  # rt.batches raises if touched
+    assert set(bounds) == set(extra) and all(b > 0 for b in bounds.values())
     expected = direct_embeddings(adapter, rt.aux_batches[0])
     assert set(extra) == set(expected)
     for key in expected:
@@ -108,7 +110,7 @@ def test_embeddings_come_from_the_aux_split_only():
     # distinctive aux data gives different embeddings
     _, adapter2, rt2 = small_client(aux_offset=20)
     adapter2.load_held_state(method.configure(1, [0], method.initial_state(adapter))[0].state)
-    other = method.embed(rt2)
+    other, _ = method.embed(rt2)
     assert not torch.allclose(other[f"{next(iter(adapter.layers))}.client_emb"],
                               extra[f"{next(iter(adapter.layers))}.client_emb"])
 
@@ -134,11 +136,26 @@ def test_client_update_replies_with_its_held_view_and_embeddings():
 
     bad = Reply(**{**reply.__dict__, "extra": {**reply.extra, "x.client_emb": torch.zeros(4)}})
     assert "embedding keys" in method.check(bad, instruction)
+    # counts travel as int32, one per held expert, adding up to tokens * k
     m = next(iter(held))
-    wrong = {**reply.expert_counts, m: reply.expert_counts[m].clone()}
-    unheld = [j for j in range(6) if j not in held[m]][0]
-    wrong[m][unheld] += 1
-    assert "does not hold" in method.check(Reply(**{**reply.__dict__, "expert_counts": wrong}), instruction)
+    counts = reply.expert_counts[m]
+    assert counts.dtype == torch.int32 and counts.shape == (len(held[m]),)
+    assert int(counts.sum()) == int(reply.tokens[m]) * 2 and all(c.dtype == torch.int32
+                                                                 for c in reply.expert_counts.values())
+
+    def with_counts(c):
+        return Reply(**{**reply.__dict__, "expert_counts": {**reply.expert_counts, m: c}})
+
+    pool = torch.zeros(6, dtype=torch.int32)
+    pool[held[m]] = counts
+    assert "int32 of shape (" in method.check(with_counts(pool), instruction)  # the whole pool
+    assert "int32 of shape (" in method.check(with_counts(counts.double()), instruction)
+    assert "expected tokens*k" in method.check(with_counts(counts + torch.eye(len(counts), dtype=torch.int32)[0]),
+                                               instruction)
+    assert "negative" in method.check(with_counts(-counts), instruction)
+    usage = method.expert_usage(reply)
+    assert set(usage) == set(held) and list(usage[m]) == [str(j) for j in held[m]]
+    assert sum(usage[m].values()) == pytest.approx(1.0)
     extra_key = {**reply.state, f"{m}.lora_A.{unheld}": torch.zeros(4, 32)}
     assert "wrong key set" in method.check(Reply(**{**reply.__dict__, "state": extra_key}), instruction)
 
@@ -153,11 +170,48 @@ def test_server_state_round_trip_and_assignment_modes():
     other.load_state_dict(method.state_dict())
     assert all(torch.equal(other.assignment[m], x0[m]) for m in x0)
 
-    static, _, _ = small_client(options=FedAMoLEOptions(pool_size=6, max_experts=4, assignment="static"))
-    before = {m: x.clone() for m, x in static.assignment.items()}
-    assert all(torch.equal(static.next_assignment(3)[m], before[m]) for m in before)
-    uniform = FedAMoLEOptions(pool_size=6, assignment="uniform")
-    assert uniform.bounds(4) == (2, 3, 3) and uniform.bounds(3) == (2, 4, 4)
+
+
+@pytest.mark.parametrize("assignment", ["rsea", "static", "random"])
+@pytest.mark.parametrize("expert_counts", ["data", "uniform"])
+def test_assignment_and_expert_counts_are_independent_switches(assignment, expert_counts):
+    opts = FedAMoLEOptions(pool_size=6, min_experts=1, max_experts=5, assignment=assignment,
+                           expert_counts=expert_counts)
+    method, adapter, _ = small_client(options=opts)
+    torch.manual_seed(1)
+    method.expert_emb = {m: torch.randn_like(e) for m, e in method.expert_emb.items()}
+    method.client_emb = {m: torch.randn_like(t) for m, t in method.client_emb.items()}
+    before = {m: x.clone() for m, x in method.assignment.items()}
+    after = method.next_assignment(3)
+    for x in (*before.values(), *after.values()):
+        assert (x.sum(1) == 2).all()  # K holders per expert
+        held = x.sum(0)
+        assert (held == 3).all() if expert_counts == "uniform" else ((held >= 1) & (held <= 5)).all()
+    same = all(torch.equal(after[m], before[m]) for m in before)
+    assert same == (assignment == "static")
+    if assignment == "rsea":  # follows the embeddings: the optimum for their preferences
+        from fedmole.algorithms.rsea import preferences
+
+        for m in after:
+            p = preferences(method.expert_emb[m], method.client_emb[m], 4)
+            assert (p * after[m].numpy()).sum() >= (p * before[m].numpy()).sum() - 1e-9
+
+
+@pytest.mark.parametrize("assignment", ["static", "random"])
+def test_static_and_random_compute_and_upload_no_embeddings(assignment, monkeypatch):
+    method, adapter, rt = small_client(options=FedAMoLEOptions(pool_size=6, max_experts=4, assignment=assignment))
+    items = [([1, 2, 3, 4, 5, 6], [-100, -100, -100, 4, 5, 6])] * 4
+    rt.batches = type("B", (), {"next": staticmethod(lambda: collate_train(items, 0))})()
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("an embedding pass over the aux split")
+
+    monkeypatch.setattr(type(adapter), "embedding_pass", no_pass)
+    instruction = method.configure(1, [0], method.initial_state(adapter))[0]
+    reply = method.client_update(rt, instruction)
+    assert reply.extra == {} and method.check(reply, instruction) is None
+    sneaked = Reply(**{**reply.__dict__, "extra": {f"{M}.client_emb": torch.zeros(4)}})
+    assert "uses none" in method.check(sneaked, instruction)
 
 
 def test_infeasible_config_names_the_numbers_and_the_fix():
@@ -168,13 +222,23 @@ def test_infeasible_config_names_the_numbers_and_the_fix():
         cfg.method_options().check(cfg)
     cfg.methods["fedamole"] = FedAMoLEOptions(pool_size=12)
     cfg.method_options().check(cfg)
+    cfg.methods["fedamole"] = FedAMoLEOptions(pool_size=13, expert_counts="uniform")
+    with pytest.raises(ConfigError, match=r"N\*K = 13\*2 = 26 is not divisible by data.num_clients C=6; "
+                                          r"e.g. set fedamole.pool_size to 12 or 15"):
+        cfg.method_options().check(cfg)
+    with pytest.raises(ConfigError, match="fedamole.assignment = 'uniform'; allowed: rsea, static, random"):
+        load_config("configs/tiny.toml", ["method=fedamole", "fedamole.assignment=uniform"])
+    cfg = load_config("configs/tiny.toml", ["method=fedamole", "fedamole.expert_counts=uniform",
+                                            "fedamole.assignment=random"])
+    assert cfg.method_options().bounds(6) == (2, 4, 4)
 
 
 def test_end_to_end_on_the_local_engine(tmp_path):
     from fedmole.engine.local import run_local
 
-    # experts_per_expert=1 keeps the default pool of 30 feasible for 4 clients (30 <= 4*8)
+    # experts_per_expert=1 keeps the default pool of 30 feasible for 4 clients (30 <= 4*8); DP on
     cfg = load_config("configs/tiny.toml", ["method=fedamole", "fedamole.experts_per_expert=1", "rounds=2",
+                                            "fedamole.dp_eta=50",
                                             "data.num_clients=4", "train.local_steps=1", "data.max_test=1",
                                             "eval.max_new_tokens=1", "run.progress=false"])
     summary = run_local(cfg, tmp_path)
@@ -182,11 +246,37 @@ def test_end_to_end_on_the_local_engine(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(not r["rejected"] and len(r["clients"]) == 4 for r in rows[1:])
     assert np.isfinite(summary["metrics"]["rouge_l"]) and summary["method"] == "fedamole"
+    # personalised, without tiers: no per-tier rows; each client's evaluated model saved and fingerprinted
+    assert summary["protocol"] == "personalized" and summary["per_tier"] == {}
+    shas = {c["client_id"]: c["state_sha256"] for c in summary["per_client"].values()}
+    assert summary["final_state_sha256"] == joint_sha256(shas)
+    assert all(state_sha256(load_client_state(tmp_path, c)) == sha for c, sha in shas.items())
     server = torch.load(tmp_path / "checkpoints" / "round_0002" / "server.pt")
     for x in server["assignment"].values():  # RSEA's assignment for round 3 is feasible
         assert (x.sum(1) == 1).all() and (x.sum(0) >= 2).all() and (x.sum(0) <= 8).all()
-    assert all(e.abs().sum() > 0 for e in server["expert_emb"].values())
+    assert all(e.abs().sum() > 0 and torch.isfinite(e).all() for e in server["expert_emb"].values())
     # a client downloads only its held view: on average 30/4 of the 30 experts, not the pool
     pool = load_file(str(tmp_path / "adapter.safetensors"))
     full = sum(t.numel() * t.element_size() for t in pool.values())
     assert rows[1]["comm_bytes_down"] < 4 * full / 2
+
+
+def test_dp_noise_shrinks_as_the_budget_grows():
+    """The uploaded embeddings under DP: noisy, within the clip bound, closer to the clean ones at larger eta."""
+    cosines = {}
+    for eta in (0.0, 1.0, 100.0):
+        method, adapter, rt = small_client(options=FedAMoLEOptions(pool_size=6, max_experts=4, dp_eta=eta))
+        items = [([1, 2, 3, 4, 5, 6], [-100, -100, -100, 4, 5, 6])] * 4
+        rt.batches = type("B", (), {"next": staticmethod(lambda: collate_train(items, 0))})()
+        instruction = method.configure(1, [0], method.initial_state(adapter))[0]
+        reply = method.client_update(rt, instruction)
+        assert method.check(reply, instruction) is None
+        clean, bounds = method.embed(rt)  # the same trained view, without noise
+        keys = sorted(clean)
+        if eta == 0:
+            assert all(torch.equal(reply.extra[k], clean[k]) for k in keys)
+            continue
+        assert all(float(reply.extra[k].norm()) <= float(bounds[k]) + 1e-5 for k in keys)
+        cosines[eta] = float(np.mean([torch.nn.functional.cosine_similarity(reply.extra[k], clean[k], dim=0)
+                                      for k in keys]))
+    assert cosines[1.0] < 0.5 < 0.95 < cosines[100.0]

@@ -96,13 +96,32 @@ def test_infeasible_settings_are_rejected_with_the_numbers(args, message):
         random_assignment(*args, np.random.default_rng(0))
 
 
-def test_privatize_noise_is_clipped_to_the_clean_norm():
+def test_privatize_noise_is_clipped_and_seeded():
     emb = torch.randn(5, 8)
     assert torch.equal(privatize(emb, 0.0, np.random.default_rng(0)), emb)
-    noisy = privatize(emb, 0.5, np.random.default_rng(0))
+    noisy = privatize(emb, 5.0, np.random.default_rng(0))
     assert noisy.shape == emb.shape and not torch.allclose(noisy, emb)
-    assert (noisy.norm(dim=1) <= emb.norm(dim=1) * (1 + 1e-5)).all()
-    assert torch.equal(noisy, privatize(emb, 0.5, np.random.default_rng(0)))
-    # more noise (larger eta) moves vectors further on average
-    far = privatize(emb, 50.0, np.random.default_rng(0))
-    assert (far - emb).norm() > (noisy - emb).norm()
+    assert (noisy.norm(dim=1) <= emb.norm(dim=1) * (1 + 1e-5)).all()  # default bound: the clean norm
+    assert torch.equal(noisy, privatize(emb, 5.0, np.random.default_rng(0)))
+    bound = torch.full((5,), 0.5)
+    assert (privatize(emb, 1.0, np.random.default_rng(0), bound).norm(dim=1) <= 0.5 + 1e-6).all()
+
+
+def test_privatize_draws_gamma_with_rate_eta_per_coordinate():
+    """|noise| per coordinate = m * |u|, m ~ Gamma(dim, rate eta), u ~ U[-1, 1]: mean dim / (2 eta)."""
+    emb = torch.zeros(20000, 8)
+    for eta in (2.0, 8.0):
+        noise = privatize(emb, eta, np.random.default_rng(1), bound=torch.tensor(float("inf")))
+        assert noise.abs().mean().item() == pytest.approx(8 / (2 * eta), rel=0.03)
+        # every coordinate moves on its own: no common direction, no unit-length normalisation
+        assert noise.norm(dim=1).std().item() > 0.1 * noise.norm(dim=1).mean().item()
+
+
+def test_larger_eta_is_less_noise():
+    emb = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    cosines = []
+    for eta in (1.0, 10.0, 50.0, 100.0):
+        noisy = privatize(emb, eta, np.random.default_rng(0))
+        cosines.append(torch.nn.functional.cosine_similarity(noisy, emb, dim=1).mean().item())
+    assert cosines == sorted(cosines) and len(set(cosines)) == 4
+    assert cosines[0] < 0.3 and cosines[-1] > 0.99

@@ -29,6 +29,21 @@ def test_aux_floor_and_cap():
     assert len(split_examples(pool(20000), seed=0)[1]) == 200
     assert len(split_examples(pool(20000), seed=0, aux_max=50)[1]) == 50
     assert len(split_examples(pool(100), seed=0, aux_frac=0)[1]) == 0
+    assert len(split_examples(pool(20000), seed=0, aux_max=None)[1]) == 800
+
+
+def test_aux_sizes_are_config_options():
+    from fedmole.config import ConfigError, assign_tiers, load_config
+    from fedmole.engine.setup import load_clients
+
+    for extra, expected in ((["data.aux_frac=0.25", "data.aux_max=3"], 3), (["data.aux_frac=0.25", "data.aux_max=0"], 50),
+                            (["data.aux_frac=0.0"], 0)):
+        cfg = load_config("configs/tiny.toml", extra)
+        clients, summary = load_clients(cfg, assign_tiers(cfg))
+        assert [len(c.aux) for c in clients] == [expected] * 6  # 200 rows per client
+        assert [c["aux"] for c in summary["clients"]] == [expected] * 6
+    with pytest.raises(ConfigError, match="data.val_frac \\+ data.test_frac \\+ data.aux_frac must stay below 0.9"):
+        load_config("configs/tiny.toml", ["data.aux_frac=0.45", "data.val_frac=0.3", "data.test_frac=0.3"])
 
 
 def test_caps_shorten_without_reshuffling():

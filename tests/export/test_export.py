@@ -152,3 +152,16 @@ def test_export_refuses_a_used_directory_and_unknown_clients(finished, tmp_path)
     (tmp_path / "config.toml").write_text("")  # a run that never finished
     with pytest.raises(RunError, match="holds no finished run .* `fedmole resume "):
         export_run(tmp_path, tmp_path / "p")
+
+
+def test_personalised_flora_exports_the_clients_own_base_and_lora(finished, tmp_path):
+    """A personalised FLoRA client is its own merged base (from round 1's merge) plus the LoRA it
+    trained on it in round 2: the PEFT export folds in that base, not the server's later one."""
+    run = finished("flora", "configs/tiny.toml", "rounds=2", "eval.protocol=personalized")
+    (item,) = export_run(run, tmp_path / "p", fmt="peft", client=1)
+    ref = reference_logits(run, client=1)
+    got, plain = peft_logits(tmp_path / "p")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    loaded = load_run(run, client=1, device="cpu")
+    assert loaded.extras and all(k.endswith(".merged") for k in loaded.extras)
+    assert (ref - plain).abs().max() > 1e-4

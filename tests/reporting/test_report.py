@@ -84,3 +84,39 @@ def test_report_without_optional_fields(tmp_path):
     assert (tmp_path / "plot_metric.png").exists()
     assert not (tmp_path / "plot_expert_usage.png").exists()
     assert "plot_expert_usage.png" not in text
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_personalised_report_and_per_module_usage(tmp_path):
+    """FedAMoLE: protocol named, each client's model fingerprint, no tiers, a heatmap per shown module
+    wide enough for long client names."""
+    _write_run(tmp_path, usage=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    long_names = ["subtask043_essential_terms_answering_incomplete_questions", "subtask050_multirc_answerability"]
+    summary.update(method="fedamole", protocol="personalized", per_tier={}, per_client={
+        name: {"rouge_l": 10.0, "exact_match": 0.0, "tier": 8, "n": 4, "state_sha256": f"{i}" * 64}
+        for i, name in enumerate(long_names)})
+    modules = [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    summary["expert_usage"] = {name: {m: {"3": 0.75, "17": 0.25} for m in modules} for name in long_names}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    text = write_report(tmp_path).read_text()
+    assert "- evaluation protocol: `personalized`" in text and "## Per tier" not in text
+    assert "| model sha256 |" in text and "| `111111111111` |" in text
+    width, height = _png_size(tmp_path / "plot_expert_usage.png")
+    assert width > 1000 and height > 300  # labels beside 18 readable columns, two module panels
+
+
+def test_usage_heatmap_grows_with_its_labels(tmp_path):
+    _write_run(tmp_path)
+    write_report(tmp_path)
+    short, _ = _png_size(tmp_path / "plot_expert_usage.png")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary["expert_usage"] = {"x" * 60 + str(i): u for i, u in enumerate(summary["expert_usage"].values())}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    write_report(tmp_path)
+    wide, _ = _png_size(tmp_path / "plot_expert_usage.png")
+    assert wide > short + 200  # the heatmap keeps its width instead of yielding it to the labels

@@ -26,6 +26,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +54,23 @@ class AMoLEConfig:
 
 @dataclass
 class EmbeddingSums:
-    """Running sums over real tokens for FedAMoLE's client embeddings."""
+    """Running sums over real tokens for FedAMoLE's client embeddings, and the largest
+    norm of any one forward pass's (batch's) token mean: the clip bound of the DP noise."""
 
     query: torch.Tensor  # (r,) sum of W_t x
     keys: torch.Tensor  # (S, r) sum of A_j x per held expert
     tokens: float = 0.0
+    query_bound: float = 0.0  # max over batches of |batch mean of W_t x|
+    key_bounds: torch.Tensor | None = None  # (S,) max over batches of |batch mean of A_j x|
+
+
+class TokenMeans(NamedTuple):
+    """One module's embeddings from an embedding pass (float32, CPU)."""
+
+    query: torch.Tensor  # (r,) token mean of W_t x
+    keys: torch.Tensor  # (S, r) token mean of A_j x per held expert, ascending pool order
+    query_bound: torch.Tensor  # () largest batch-mean norm of W_t x
+    key_bounds: torch.Tensor  # (S,) largest batch-mean norm of A_j x
 
 
 class AMoLELinear(ExpertCounter, nn.Module):
@@ -169,10 +182,18 @@ class AMoLELinear(ExpertCounter, nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, keys: torch.Tensor, query: torch.Tensor, mask: torch.Tensor | None) -> None:
+        sums = self.embedding
         w = torch.ones(keys.shape[0], device=keys.device) if mask is None else mask.to(keys.device).float()
-        self.embedding.query += torch.einsum("t,tr->r", w, query.float()).to(self.embedding.query)
-        self.embedding.keys += torch.einsum("t,tsr->sr", w, keys.float()).to(self.embedding.keys)
-        self.embedding.tokens += float(w.sum())
+        q = torch.einsum("t,tr->r", w, query.float()).to(sums.query)  # (r,)
+        k = torch.einsum("t,tsr->sr", w, keys.float()).to(sums.keys)  # (S, r)
+        n = float(w.sum())
+        sums.query += q
+        sums.keys += k
+        sums.tokens += n
+        if n > 0:
+            sums.query_bound = max(sums.query_bound, float(q.norm()) / n)
+            norms = k.norm(dim=1) / n  # (S,)
+            sums.key_bounds = norms if sums.key_bounds is None else torch.maximum(sums.key_bounds, norms)
 
     def extra_repr(self) -> str:
         return (
@@ -324,13 +345,15 @@ class AMoLEAdapter(MoLEAdapter):
             for layer in self.layers.values():
                 layer.embedding = None
 
-    def embeddings(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per module, from the last embedding pass: (t (r,), e (S, r)) token means of W_t x
-        and of A_j x for the held experts in ascending pool order (float32, CPU)."""
+    def embeddings(self) -> dict[str, TokenMeans]:
+        """Per module, from the last embedding pass: the token means t (r,) of W_t x and
+        e (S, r) of A_j x for the held experts, with their largest per-batch norms."""
         out = {}
         for m, sums in self._sums.items():
             n = max(sums.tokens, 1.0)
-            out[m] = ((sums.query / n).float().cpu(), (sums.keys / n).float().cpu())
+            bounds = sums.key_bounds if sums.key_bounds is not None else torch.zeros(sums.keys.shape[0])
+            out[m] = TokenMeans((sums.query / n).float().cpu(), (sums.keys / n).float().cpu(),
+                                torch.tensor(sums.query_bound, dtype=torch.float32), bounds.float().cpu())
         return out
 
 

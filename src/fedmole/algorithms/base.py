@@ -60,10 +60,13 @@ class Method:
             return "only a sparse MoE base has a router to train"
         return "this method's adapter has no such part"
 
-    # evaluated on each client's own model (kept in its runtime store), not on the global state
-    personalized: ClassVar[bool] = False
-    # Whether the model a client is evaluated with can run at another tier's k (eval.tiers = all);
-    # False for personal models of one size and for models that ignore the tier.
+    # the evaluation protocols (eval.protocol) this method can report; the first is its default
+    protocols: ClassVar[tuple[str, ...]] = ("global", "personalized")
+    # whether clients differ by tier (k experts per token, or rank); False: no per-tier results
+    tiered: ClassVar[bool] = True
+    # Whether the global model a client is evaluated with can run at another tier's k (eval.tiers = all);
+    # False for models of one size and for models that ignore the tier. A personalised evaluation
+    # scores each client's own model at its own tier only.
     cross_tier_eval: ClassVar[bool] = True
     # its aggregation is built from the averaging helpers of algorithms/aggregate.py, so
     # `fed.robust = "trimmed_mean"` applies (they get `trim`, set by the engine's setup)
@@ -86,11 +89,18 @@ class Method:
         return inject_mole(model, adapter_cfg.mole(seed), k_max=max(tiers))
 
     def __init__(self, options, adapter: MoLEAdapter, tiers: list[int], seed: int):
+        self.protocol = self.protocols[0]  # set_protocol(eval protocol) before a run
         self.options = options
         self.tiers = tiers  # tier of each client id
         self.seed = seed
         self.shapes = adapter.shapes()
         self.num_experts = {name: layer.num_experts for name, layer in adapter.layers.items()}
+
+    def set_protocol(self, protocol: str) -> None:
+        """Evaluate `global` (the aggregated model) or `personalized` (each client's own model)."""
+        if protocol not in self.protocols:
+            raise ValueError(f"{self.name} reports the {' or '.join(self.protocols)} protocol, not {protocol!r}")
+        self.protocol = protocol
 
     # -- server side ---------------------------------------------------------
     def initial_state(self, adapter: MoLEAdapter) -> State:
@@ -142,12 +152,14 @@ class Method:
         """Default client step: start from the sent state, train with top-k = tier, report counts."""
         rt.adapter.load_state_dict(instruction.state)
         rt.adapter.reset_counts()
-        loss = rt.trainer.train(rt.adapter, rt.batches, k=instruction.tier, store=rt.store)
+        loss = rt.trainer.train(rt.adapter, rt.batches, k=instruction.tier, store=rt.store, rnd=instruction.round)
         counts, tokens = rt.adapter.counts()
+        state = rt.adapter.state_dict()
+        self.keep_personal(rt, state)
         return Reply(
             round=instruction.round,
             client_id=rt.client_id,
-            state=rt.adapter.state_dict(),
+            state=state,
             num_examples=len(rt.data.train),
             tier=instruction.tier,
             train_loss=loss,
@@ -155,17 +167,53 @@ class Method:
             tokens=tokens,
         )
 
+    def expert_usage(self, reply: Reply) -> list[float] | dict | None:
+        """What summary.json reports of a client's routing (`expert_usage`): the fraction of its routed
+        tokens per expert, averaged over modules (expert j is slot j of every module); None without counts."""
+        if not reply.expert_counts:
+            return None
+        fracs = [c.to(torch.float64) / c.sum().clamp_min(1) for c in reply.expert_counts.values()]
+        return torch.stack(fracs).mean(0).tolist()
+
+    # -- evaluation ------------------------------------------------------------
+    # Global protocol: every client is evaluated with its view of the global state.
+    # Personalised protocol: with its model after its latest local training (the
+    # '-FT' protocol), kept as one state in its store (`rt.store["personal"]`);
+    # a client that has not trained yet is evaluated with its global view.
+    def keep_personal(self, rt: ClientRuntime, state: State) -> None:
+        """Under the personalised protocol, keep `state` (this client's trained model) for evaluation."""
+        if self.protocol == "personalized":
+            rt.store["personal"] = state
+
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        """The tensors client `rt` is evaluated with at `tier` under the global protocol."""
+        return global_state
+
+    def evaluated_state(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> State:
+        """The tensors client `rt` is evaluated with at `tier` (default: its own) under this method's
+        protocol (what a personalised run saves per client)."""
+        personal = rt.store.get("personal") if self.protocol == "personalized" else None
+        if personal is not None:
+            return personal
+        return self.global_view(rt, global_state, rt.tier if tier is None else tier)
+
+    def load_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
+        """Load an evaluated state (`evaluated_state`) into the adapter; return the k to route with
+        (`tier`, default: the client's own)."""
+        rt.adapter.load_state_dict(state)
+        return rt.tier if tier is None else tier
+
     def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         """Load the weights this client is evaluated with at `tier` (default: its own); return the k
-        to route with. Unless the method is `personalized`, they may depend only on `global_state`
-        and the tier, not on the client: the engine scores many clients with one view."""
-        rt.adapter.load_state_dict(global_state)
-        return rt.tier if tier is None else tier
+        to route with. `global_state` is what `final_state` makes of the global state. Under the global
+        protocol the weights may depend only on `global_state` and the tier, not on the client: the
+        engine scores many clients with one view."""
+        return self.load_view(rt, self.evaluated_state(rt, global_state, tier), tier)
 
     def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:
         """The tiers at which this client is scored when every tier is evaluated (eval.tiers = all):
-        all of `tiers`, or only its own when the method has no cross-tier view (`cross_tier_eval`)."""
-        return list(tiers) if self.cross_tier_eval else [rt.tier]
+        all of `tiers` for a global model that can run at any k (`cross_tier_eval`), else its own."""
+        return list(tiers) if self.cross_tier_eval and self.protocol == "global" else [rt.tier]
 
 
 def timed_update(method: Method, rt: ClientRuntime, instruction: Instruction) -> Reply:

@@ -5,7 +5,8 @@ clients' compute limits, is trained on the union of the clients' training
 sets (shuffled together, batches mix clients) with the same number of
 optimizer steps per round as all selected clients together take in the
 federated methods: train.local_steps * (clients selected). It is evaluated
-at full rank on every client's test split.
+at full rank on every client's test split; both protocols evaluate that one
+pooled model (the data centre's model after its training is the global state).
 
 The pooled data (and its optimizer moments, with train.optimizer_state = keep)
 live with the method (the "data centre"), so the engine must hand it every
@@ -82,7 +83,8 @@ class Centralized(LoRAMethod):
             raise RuntimeError("centralized needs every client's data: the engine must call attach_clients")
         rt.adapter.load_state_dict(instruction.state)
         trainer = dataclasses.replace(rt.trainer, steps=rt.trainer.steps * instruction.config["clients"])
-        loss = trainer.train(rt.adapter, self.pool, k=instruction.tier, store=self.center)
+        loss = trainer.train(rt.adapter, self.pool, k=instruction.tier, store=self.center, rnd=instruction.round)
+        # no personal state: the model is the data centre's, and aggregation adopts it as it is
         return Reply(instruction.round, rt.client_id, rt.adapter.state_dict(), len(self.pool.items),
                      instruction.tier, loss)
 

@@ -12,12 +12,24 @@ projection W_t (adapters/amole.py). Every round:
 2. client: trains that view (top-k over held experts, renormalised), keeps the
    result as its personal model, then runs no-grad over its aux split only:
    t_c = token mean of W_t x, e_{c,j} = token mean of A_j x (held j), per module.
-   Reply: the trained view, plus `<module>.client_emb` (r,) and
-   `<module>.expert_emb.<j>` (r,) in `Reply.extra` (optionally DP-noised).
+   Reply: the trained view; the tokens each held expert served (int32, one per
+   held expert in ascending pool order); and, under RSEA only, `<module>.client_emb`
+   (r,) and `<module>.expert_emb.<j>` (r,) in `Reply.extra`. With `dp_eta` > 0 each uploaded
+   vector gets the official code's noise (`rsea.privatize`: per coordinate
+   Gamma(r, rate eta) x U[-1, 1]) and is scaled down to the largest norm of any one
+   aux batch's mean of that vector. (The official code means the same bound but
+   compares the first batch's mean with later batches' token *sums*, so there it
+   rarely binds; here it is the per-batch mean throughout.)
 3. server: each domain expert = unweighted mean over its holders this round
    (kept where nobody held it); shared expert and W_t = mean over all replies;
-   e_j = mean over holders; then RSEA (algorithms/rsea.py) per module gives the
-   next round's assignment X (N, C).
+   e_j = mean over holders; then the next round's assignment X (N, C) per module.
+
+The assignment and the expert counts are two independent choices (the paper's
+ablations): `assignment` = rsea (RSEA, algorithms/rsea.py, from the embeddings),
+static (a random feasible X once, kept) or random (a new random X each round);
+static and random skip the embedding pass and upload no embeddings.
+`expert_counts` = data (each client holds L..M experts per module, as the
+assignment gives) or uniform (exactly N*K/C each; the official `homo_arch`).
 
 Choices made here *(inferred)*: routing keys use the clean input while expert
 outputs see dropout; each round starts a fresh optimizer (a client's experts change
@@ -52,7 +64,8 @@ from fedmole.config import ConfigError, opt
 from fedmole.messages import Instruction, Reply, State
 from fedmole.training import autocast_context
 
-ASSIGNMENTS = ("rsea", "static", "random", "uniform")
+ASSIGNMENTS = ("rsea", "static", "random")
+EXPERT_COUNTS = ("data", "uniform")
 
 
 @dataclass
@@ -61,26 +74,38 @@ class FedAMoLEOptions:
 
     pool_size: int = opt(30, "domain experts per module on the server (N)", range=(1, 1024))
     experts_per_expert: int = opt(2, "clients each domain expert is assigned to per round (K)", range=(1, None))
-    min_experts: int = opt(2, "fewest domain experts a client holds per module (L)", range=(1, None))
-    max_experts: int = opt(8, "most domain experts a client holds per module (M)", range=(1, None))
+    min_experts: int = opt(2, "fewest domain experts a client holds per module (L; expert_counts = data)",
+                           range=(1, None))
+    max_experts: int = opt(8, "most domain experts a client holds per module (M; expert_counts = data)",
+                           range=(1, None))
     top_k: int = opt(2, "domain experts each token activates (fewer if a client holds fewer)", range=(1, None))
     shared_expert: bool = opt(True, "add the always-on shared expert (weight 1)")
-    assignment: str = opt("rsea", "rsea | static (random once) | random (each round) | "
-                          "uniform (RSEA, every client holds N*K/C experts)", choices=ASSIGNMENTS)
-    dp_eta: float = opt(0.0, "scale of the Gamma noise on uploaded embeddings (0 = off)", range=(0.0, None))
+    assignment: str = opt("rsea", "who holds which experts: rsea (experts choose clients by the uploaded embeddings, "
+                          "each round) | static (random once, kept) | random (random each round); static and random "
+                          "compute and upload no embeddings", choices=ASSIGNMENTS)
+    expert_counts: str = opt("data", "experts per client and module: data (any number in L..M, as the assignment "
+                             "gives) | uniform (exactly N*K/C for every client)", choices=EXPERT_COUNTS)
+    dp_eta: float = opt(0.0, "privacy budget eta of the noise on uploaded embeddings: per coordinate Gamma(r, rate "
+                        "eta) x U[-1,1], larger = less noise (the paper tries 1/50/100); 0 = off", range=(0.0, None))
 
     def bounds(self, num_clients: int) -> tuple[int, int, int]:
-        """(K, L, M) in force for C clients: `uniform` pins L and M to floor/ceil(N*K/C)."""
+        """(K, L, M) in force for C clients: `uniform` pins L = M = N*K/C (rounded down; `check` refuses a remainder)."""
         K = self.experts_per_expert
-        if self.assignment == "uniform":
-            total = self.pool_size * K
-            return K, total // num_clients, -(-total // num_clients)
+        if self.expert_counts == "uniform":
+            return K, self.pool_size * K // num_clients, self.pool_size * K // num_clients
         return K, self.min_experts, self.max_experts
 
     def check(self, cfg) -> None:
         """Cross-section rule for config validation: the assignment must be feasible for data.num_clients."""
         N, C = self.pool_size, cfg.data.num_clients
         K, L, M = self.bounds(C)
+        if self.expert_counts == "uniform" and N * K % C:
+            near = sorted((n for n in range(1, N + C + 1) if n * K % C == 0), key=lambda n: (abs(n - N), n))
+            raise ConfigError(
+                f"fedamole.expert_counts = 'uniform' gives every client N*K/C experts per module, but N*K = "
+                f"{N}*{K} = {N * K} is not divisible by data.num_clients C={C}; e.g. set fedamole.pool_size to "
+                f"{' or '.join(map(str, sorted(near[:2])))}"
+            )
         try:
             check_feasible(N, C, K, L, M)
         except ValueError as e:
@@ -153,7 +178,10 @@ class FedAMoLE(Method):
     key-based routing, RSEA expert-to-client assignment, personalised evaluation."""
 
     name = "fedamole"
-    personalized = True
+    # no single global model: the pool's experts form a model only in some client's subset,
+    # and the paper evaluates each client's own model after its local training
+    protocols = ("personalized",)
+    tiered = False  # clients differ in data, not compute: fed.tiers does not apply
     Options = FedAMoLEOptions
     # num_experts only bounds fed.tiers, which a shared config may set for the other methods
     ADAPTER_OPTIONS = {"dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets", "aux_loss_weight"}),
@@ -211,6 +239,8 @@ class FedAMoLE(Method):
         if why:
             return why
         held = held_experts(instruction.state)
+        if reply.extra and self.options.assignment != "rsea":
+            return f"embeddings uploaded, but fedamole.assignment = {self.options.assignment!r} uses none"
         if reply.extra:
             expected = {client_emb_key(m): (self.rank[m],) for m in held}
             expected.update({expert_emb_key(m, j): (self.rank[m],) for m, js in held.items() for j in js})
@@ -224,12 +254,16 @@ class FedAMoLE(Method):
             return f"expert counts / token totals for modules {sorted(reply.expert_counts)[:3]} / " \
                    f"{sorted(reply.tokens)[:3]}, expected {sorted(held)[:3]}"
         for m, js in held.items():
-            counts = reply.expert_counts[m]
-            unheld = torch.ones(self.N, dtype=torch.bool)
-            unheld[js] = False
-            if tuple(counts.shape) == (self.N,) and (counts[unheld] != 0).any():
-                return f"{m}: tokens routed to experts it does not hold"
-            why = check_counts({m: counts}, {m: reply.tokens[m]}, {m: self.N}, min(self.options.top_k, len(js)))
+            counts, seen = reply.expert_counts[m], reply.tokens[m]
+            if counts.dtype != torch.int32 or tuple(counts.shape) != (len(js),):
+                return (f"{m}: expert counts must be int32 of shape ({len(js)},), one per held expert; got "
+                        f"{counts.dtype} {tuple(counts.shape)}")
+            if (counts < 0).any():
+                return f"{m}: negative expert counts {counts.tolist()}"
+            if seen != int(seen):
+                return f"{m}: token count {seen!r} is not a whole number"
+            # each token goes to exactly k held experts, each expert at most once
+            why = check_counts({m: counts}, {m: seen}, {m: len(js)}, min(self.options.top_k, len(js)))
             if why:
                 return why
         return None
@@ -274,14 +308,16 @@ class FedAMoLE(Method):
         adapter: AMoLEAdapter = rt.adapter
         adapter.load_held_state(instruction.state)
         adapter.reset_counts()
-        loss = rt.trainer.train(adapter, rt.batches, k=self.options.top_k, store={})  # fresh optimizer
+        loss = rt.trainer.train(adapter, rt.batches, k=self.options.top_k, store={}, rnd=instruction.round)  # fresh optimizer
         trained = adapter.held_state()
-        rt.store["personal"] = trained
-        counts, tokens = adapter.counts()
-        extra = self.embed(rt)
+        self.keep_personal(rt, trained)
+        pool_counts, tokens = adapter.counts()  # (N,) float64 per module: compact them to the held experts
+        held = adapter.held()
+        counts = {m: c[held[m]].round().to(torch.int32) for m, c in pool_counts.items()}
+        extra, bounds = self.embed(rt) if self.options.assignment == "rsea" else ({}, {})  # only RSEA uses them
         if extra and self.options.dp_eta > 0:
             rng = np.random.default_rng([self.seed, instruction.round, rt.client_id])
-            extra = {k: privatize(v, self.options.dp_eta, rng) for k, v in sorted(extra.items())}
+            extra = {k: privatize(v, self.options.dp_eta, rng, bounds[k]) for k, v in sorted(extra.items())}
         return Reply(
             round=instruction.round,
             client_id=rt.client_id,
@@ -295,11 +331,12 @@ class FedAMoLE(Method):
         )
 
     @torch.no_grad()
-    def embed(self, rt: ClientRuntime) -> State:
+    def embed(self, rt: ClientRuntime) -> tuple[State, dict[str, torch.Tensor]]:
         """No-grad pass over the aux split only: `<m>.client_emb` (r,) and `<m>.expert_emb.<j>` (r,)
-        per module and held expert j (empty when the client has no aux examples)."""
+        per module and held expert j (empty when the client has no aux examples), and per key
+        the largest norm of one aux batch's mean (the DP clip bound)."""
         if not rt.aux_batches:
-            return {}
+            return {}, {}
         adapter: AMoLEAdapter = rt.adapter
         device = rt.trainer.device
         adapter.model.eval()
@@ -311,16 +348,25 @@ class FedAMoLE(Method):
                         adapter.model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
         held = adapter.held()
         out: State = {}
-        for m, (t, e) in adapter.embeddings().items():
-            out[client_emb_key(m)] = t
-            out.update({expert_emb_key(m, j): e[row].clone() for row, j in enumerate(held[m])})
-        return out
+        bounds: dict[str, torch.Tensor] = {}
+        for m, means in adapter.embeddings().items():
+            out[client_emb_key(m)] = means.query
+            bounds[client_emb_key(m)] = means.query_bound
+            for row, j in enumerate(held[m]):
+                out[expert_emb_key(m, j)] = means.keys[row].clone()
+                bounds[expert_emb_key(m, j)] = means.key_bounds[row]
+        return out, bounds
 
-    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
-        """Personalised: the client's own model after its latest local training; before any,
-        the global experts of its current assignment."""
-        personal = rt.store.get("personal")
-        if personal is None:
-            personal = held_view(global_state, self.held_by(rt.client_id))
-        rt.adapter.load_held_state(personal)
+    def expert_usage(self, reply: Reply) -> dict[str, dict[str, float]]:
+        """Per module: the fraction of this client's routed tokens each held pool expert served."""
+        held = held_experts(reply.state)
+        return {m: {str(j): float(n) / max(float(c.sum()), 1.0) for j, n in zip(held[m], c.tolist())}
+                for m, c in reply.expert_counts.items()}
+
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        """Before a client has trained: the global experts of its current assignment."""
+        return held_view(global_state, self.held_by(rt.client_id))
+
+    def load_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
+        rt.adapter.load_held_state(state)
         return self.options.top_k

@@ -107,12 +107,10 @@ class FlexLoRA(LoRAMethod):
             return truncate_lora(global_state, self.rank_of(tier))
         return client_factors(global_state, self.rank_of(tier), self.max_rank)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
         """Always the rescaled factors: before the first aggregation every B is zero, so rescaling
         changes nothing, and a Flower node's method (which never aggregates) evaluates like the server."""
-        k = rt.tier if tier is None else tier
-        rt.adapter.load_state_dict(client_factors(global_state, self.rank_of(k), self.max_rank))
-        return k
+        return client_factors(global_state, self.rank_of(tier), self.max_rank)
 
     def aggregate(self, rnd: int, replies: list[Reply], previous: State) -> State:
         if not replies:

@@ -18,8 +18,10 @@ gets the stack (`<p>.stack_A`, `<p>.stack_B`); one further behind (it missed
 rounds, or its reply was rejected) gets the whole merged dW (`<p>.merged`),
 which it installs instead. A client keeps its merged base delta in its store
 (what a real client's merged weights would hold; clients of one process that
-reach the same merge version share one copy, since it is the same tensor),
-and evaluation uses the server's merged base with the fresh LoRA (B = 0).
+reach the same merge version share one copy, since it is the same tensor).
+Global evaluation uses the server's merged base with the fresh LoRA (B = 0);
+personalised evaluation, the client's own base with the LoRA it trained on it.
+An evaluated state carries its base as `<p>.merged` keys.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class FLoRA(LoRAMethod):
 
     def final_state(self, global_state: State) -> State:
         """The fresh LoRA plus every module's merged base delta: the whole trained update."""
-        return {**global_state, **{f"{m}.merged": d.clone() for m, d in self.merged.items()}}
+        return {**global_state, **{k: d.clone() for k, d in _merged_keys(self.merged).items()}}
 
     def load_final_state(self, saved: State) -> State:
         """Take the merged base deltas back out of a saved final state; the rest is the global LoRA."""
@@ -162,11 +164,27 @@ class FLoRA(LoRAMethod):
         rt.store["merged"], rt.store["base_version"] = base, version
         rt.adapter.set_merged(base)
         lora = {k: v for k, v in instruction.state.items() if k not in update}
-        state, loss = self.train_view(rt, lora, instruction.tier)
+        state, loss = self.train_view(rt, lora, instruction.tier, instruction.round)
+        self.keep_personal(rt, state)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
-        """Load what `final_state` holds: the fresh LoRA and the merged base deltas. The deltas come
-        with the state, not from this instance, because a Flower node's method never aggregates."""
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        """What `final_state` holds, at the tier's rank: the fresh LoRA and the merged base deltas. The
+        deltas come with the state, not from this instance, because a Flower node's method never aggregates."""
+        lora = {k: v for k, v in global_state.items() if split_key(k)[1] != "merged"}
+        merged = {k: v for k, v in global_state.items() if split_key(k)[1] == "merged"}
+        return {**super().global_view(rt, lora, tier), **merged}
+
+    def evaluated_state(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> State:
+        state = super().evaluated_state(rt, global_state, tier)
+        if self.protocol == "personalized" and "personal" in rt.store:  # the base it trained on
+            state = {**state, **_merged_keys(rt.store.get("merged", {}))}
+        return state
+
+    def load_view(self, rt: ClientRuntime, state: State, tier: int | None = None) -> int:
         rt.adapter.set_merged({split_key(k)[0]: v for k, v in state.items() if split_key(k)[1] == "merged"})
-        return super().eval_view(rt, {k: v for k, v in state.items() if split_key(k)[1] != "merged"}, tier)
+        return super().load_view(rt, {k: v for k, v in state.items() if split_key(k)[1] != "merged"}, tier)
+
+
+def _merged_keys(merged: Mapping[str, torch.Tensor]) -> State:
+    return {f"{m}.merged": d for m, d in merged.items()}

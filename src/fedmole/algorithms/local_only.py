@@ -2,9 +2,10 @@
 
 Each client trains a plain LoRA of its tier's rank (adapter.rank * k) on its
 own data, keeps it across rounds (and its optimizer moments with
-train.optimizer_state = keep) and is evaluated with it. Nothing is uploaded. The server sends each client the common initial
-adapter once (the starting point every method shares) and otherwise nothing;
-the global state stays that initial adapter.
+train.optimizer_state = keep) and is evaluated with it: its only protocol is
+the personalised one. Nothing is uploaded. The server sends each client the
+common initial adapter once (the starting point every method shares) and
+otherwise nothing; the global state stays that initial adapter.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class LocalOnly(LoRAMethod):
     rank-(adapter.rank * tier) LoRA."""
 
     name = "local"
-    personalized = True
+    protocols = ("personalized",)  # the global state is only the common initial adapter
     Options = LocalOptions
     cross_tier_eval = False  # a personal adapter of the client's own rank
 
@@ -57,12 +58,7 @@ class LocalOnly(LoRAMethod):
         start = rt.store.get("personal") or instruction.state
         if not start:
             raise RuntimeError(f"client {rt.client_id} holds no adapter and was sent none")
-        state, loss = self.train_view(rt, start, instruction.tier)
+        state, loss = self.train_view(rt, start, instruction.tier, instruction.round)
         rt.store["personal"] = state
         return Reply(instruction.round, rt.client_id, {}, len(rt.data.train), instruction.tier, loss)
-
-    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
-        rt.adapter.load_state_dict(rt.store.get("personal") or self.client_view(global_state, rt.client_id))
-        return rt.tier
-
 

@@ -91,22 +91,22 @@ class LoRAMethod(Method):
         return check_reply(reply, self.expected_reply(instruction.client_id), num_experts={})
 
     # -- client side ---------------------------------------------------------
-    def train_view(self, rt: ClientRuntime, start: State, tier: int, store: dict | None = None) -> tuple[State, float]:
-        """Load `start`, train at the tier's rank, return (trained rank-r view, mean loss)."""
+    def train_view(self, rt: ClientRuntime, start: State, tier: int, rnd: int,
+                   store: dict | None = None) -> tuple[State, float]:
+        """Load `start`, train round `rnd` at the tier's rank, return (trained rank-r view, mean loss)."""
         rt.adapter.load_state_dict(start)
         if store is None:
             store = rt.store
-        loss = rt.trainer.train(rt.adapter, rt.batches, k=tier, store=store)
+        loss = rt.trainer.train(rt.adapter, rt.batches, k=tier, store=store, rnd=rnd)
         return truncate_lora(rt.adapter.state_dict(), rt.adapter.rank_of(tier)), loss
 
     def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
-        state, loss = self.train_view(rt, instruction.state, instruction.tier)
+        state, loss = self.train_view(rt, instruction.state, instruction.tier, instruction.round)
+        self.keep_personal(rt, state)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
 
-    def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
-        k = rt.tier if tier is None else tier
-        rt.adapter.load_state_dict(self.tier_view(global_state, k))
-        return k
+    def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
+        return self.tier_view(global_state, tier)
 
 
 def stack_lora(

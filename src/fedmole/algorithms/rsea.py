@@ -90,21 +90,25 @@ def random_assignment(N: int, C: int, K: int, L: int, M: int, rng: np.random.Gen
     return solve_assignment(rng.random((N, C)), K, L, M)
 
 
-def privatize(emb: torch.Tensor, eta: float, rng: np.random.Generator) -> torch.Tensor:
-    """Noisy copy of each vector along the last dim (FedAMoLE's embedding DP).
+def privatize(emb: torch.Tensor, eta: float, rng: np.random.Generator,
+              bound: torch.Tensor | None = None) -> torch.Tensor:
+    """Noisy copy of each vector along the last dim: FedAMoLE's embedding DP, as its official code draws it.
 
-    noise = m * u / |u| with m ~ Gamma(shape=dim, scale=eta) and u ~ U[-1, 1]^dim;
-    the noisy vector is then scaled down to the clean vector's norm if longer.
+    Every coordinate gets its own noise m * u with m ~ Gamma(shape=dim, rate=eta)
+    (numpy's scale = 1/eta) and u ~ U[-1, 1], so eta is a privacy budget: larger eta,
+    less noise (E|noise| per coordinate = dim / (2 eta)). A noisy vector longer than its
+    `bound` (..., one per vector; default: the clean vector's norm) is scaled down to it.
+    eta = 0 turns the noise off.
     """
     if eta <= 0:
         return emb.clone()
     x = emb.detach().to(torch.float64)
-    flat = x.reshape(-1, x.shape[-1])  # (V, dim)
-    v, dim = flat.shape
-    u = torch.from_numpy(rng.uniform(-1.0, 1.0, size=(v, dim)))
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    mag = torch.from_numpy(rng.gamma(shape=dim, scale=eta, size=(v, 1)))
-    noisy = flat + mag * u
-    clean_norm, noisy_norm = flat.norm(dim=1, keepdim=True), noisy.norm(dim=1, keepdim=True)
-    noisy = noisy * torch.clamp(clean_norm / noisy_norm.clamp_min(1e-12), max=1.0)
+    dim = x.shape[-1]
+    flat = x.reshape(-1, dim)  # (V, dim)
+    mag = torch.from_numpy(rng.gamma(shape=dim, scale=1.0 / eta, size=flat.shape))
+    sign = torch.from_numpy(rng.uniform(-1.0, 1.0, size=flat.shape))
+    noisy = flat + mag * sign
+    limit = flat.norm(dim=1) if bound is None else torch.as_tensor(bound, dtype=torch.float64).reshape(-1)
+    limit = limit.expand(flat.shape[0])  # (V,)
+    noisy = noisy * torch.clamp(limit / noisy.norm(dim=1).clamp_min(1e-12), max=1.0)[:, None]
     return noisy.reshape(x.shape).to(emb.dtype)

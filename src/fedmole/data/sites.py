@@ -37,8 +37,10 @@ def site_client(cfg, client_id: int, path: str | Path, fmt: str | None = None, s
     if d.instruction_mode == "definition":
         examples = [dataclasses.replace(ex, instruction=definition_only(ex.instruction)) for ex in examples]
     seed = cfg.run.seed if split_seed is None else split_seed
-    train, aux, val, test = split_examples(examples, (seed, client_id), val_frac=d.val_frac, test_frac=d.test_frac,
-                                           max_train=d.max_train or None, max_test=d.max_test or None)
+    train, aux, val, test = split_examples(
+        examples, (seed, client_id), val_frac=d.val_frac, test_frac=d.test_frac, aux_frac=d.aux_frac,
+        aux_max=d.aux_max or None, max_train=d.max_train or None, max_val=d.max_val or None,
+        max_test=d.max_test or None)
     counts = Counter(ex.task for ex in examples)
     task = min(counts, key=lambda t: (-counts[t], t))  # the most common; ties broken by name, as build_clients does
     return ClientData(client_id=client_id, name=name or task or f"client{client_id}", train=train, aux=aux,

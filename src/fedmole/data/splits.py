@@ -22,7 +22,7 @@ def split_examples(
     val_frac: float = 0.1,
     test_frac: float = 0.1,
     aux_frac: float = 0.04,
-    aux_max: int = 200,
+    aux_max: int | None = 200,
     max_train: int | None = None,
     max_val: int | None = None,
     max_test: int | None = None,
@@ -31,7 +31,7 @@ def split_examples(
 
     One permutation is cut test | val | aux | train, so the `max_*` caps only shorten
     a split and never change which examples the other splits hold. aux (for no-grad
-    passes such as FedAMoLE's embeddings) is ~aux_frac of the data, capped at aux_max.
+    passes such as FedAMoLE's embeddings) is ~aux_frac of the data, capped at aux_max (None: no cap).
     """
     for name, frac in (("val_frac", val_frac), ("test_frac", test_frac), ("aux_frac", aux_frac)):
         if not 0 <= frac < 1:
@@ -40,7 +40,7 @@ def split_examples(
         raise DataError(f"val_frac + test_frac + aux_frac must be < 1, got {val_frac + test_frac + aux_frac:.3f}")
     n = len(examples)
     n_test, n_val = _held_out(n, test_frac), _held_out(n, val_frac)
-    n_aux = min(_held_out(n, aux_frac), aux_max)
+    n_aux = _held_out(n, aux_frac) if aux_max is None else min(_held_out(n, aux_frac), aux_max)
     if n - n_test - n_val - n_aux < 1:
         raise DataError(f"{n} examples leave no training data after test {n_test}, val {n_val}, aux {n_aux}")
     order = np.random.default_rng(seed).permutation(n)

@@ -287,14 +287,6 @@ class RunClientStates:
         version, sha = self.current[client]
         return self.files.read(client, version, sha)
 
-    def read(self, manifest: dict[str, list], client: int) -> tuple[dict, dict | None] | None:
-        """(store, batch position) of `client` as a checkpoint's manifest names it (None: nothing kept);
-        changes nothing on disk."""
-        if str(client) not in manifest:
-            return None
-        version, sha = manifest[str(client)]
-        return self.files.read(client, int(version), str(sha))
-
     def save(self, client: int, rnd: int, store: dict, batches: dict | None) -> None:
         """Keep what `client` holds after training in round `rnd`."""
         previous = self.current.get(client)

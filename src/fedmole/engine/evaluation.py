@@ -26,7 +26,7 @@ from statistics import fmean, median
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.console import bars_enabled
 from fedmole.evaluation.predict import METRICS, mean_scores, predict
-from fedmole.messages import State
+from fedmole.messages import State, state_sha256
 
 log = logging.getLogger("fedmole")
 
@@ -85,7 +85,8 @@ def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[i
 
     With `tiers`, the client is scored at each of `Method.eval_tiers(rt, tiers)`; the result's
     own figures are those at its own tier, and `by_tier` holds every tier's. `records` holds
-    the per-example records (see the module docstring).
+    the per-example records (see the module docstring). Under the personalised protocol,
+    `state_sha256` fingerprints the client's own model that was scored.
     """
     examples = _examples(setup, rt)
     k_of, scored = {}, {}
@@ -93,21 +94,24 @@ def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[i
         k_of[tier] = setup.method.eval_view(rt, global_state, tier)
         with setup.adapter.route(k_of[tier]):
             scored[tier] = _predict(setup, examples)
-    return _result(rt, k_of, scored, tiers)
+    result = _result(rt, k_of, scored, tiers)
+    if setup.method.protocol == "personalized":  # which of the clients' own models was scored
+        result["state_sha256"] = state_sha256(setup.method.evaluated_state(rt, global_state))
+    return result
 
 
 def evaluate_clients(setup, runtimes: Iterable[ClientRuntime], global_state: State,
                      tiers: list[int] | None = None) -> Iterator[dict]:
     """`evaluate_client`'s result for each runtime, in their order.
 
-    A personalised method scores each client with its own model, one client at a time. Any
-    other method gives every client the same weights at a tier (`Method.eval_view`), so the
-    clients are scored together: runtimes are taken until they hold `CHUNK_BATCHES` batches
-    of examples (eval.batch_size each), and each tier's examples of all of them are predicted
-    in one call, then split back per client. The work thus follows the examples, not the
+    Under the personalised protocol each client is scored with its own model, one client at a
+    time. Under the global protocol every client gets the same weights at a tier
+    (`Method.eval_view`), so the clients are scored together: runtimes are taken until they
+    hold `CHUNK_BATCHES` batches of examples (eval.batch_size each), and each tier's examples
+    of all of them are predicted in one call, then split back per client. The work thus follows the examples, not the
     clients, while the prompts held at once stay bounded.
     """
-    if setup.method.personalized:
+    if setup.method.protocol == "personalized":
         for rt in runtimes:
             yield evaluate_client(setup, rt, global_state, tiers)
         return

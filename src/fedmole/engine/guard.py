@@ -20,6 +20,7 @@ examples the server knows for that client; name, client id and tier come from th
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from fedmole.messages import Instruction, Reply
 log = logging.getLogger("fedmole")
 
 METRIC_RANGE = (0.0, 100.0)  # ROUGE-L and exact match are percentages
+SHA256 = re.compile(r"[0-9a-f]{64}")  # a personalised client's fingerprint of the model it scored
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,9 @@ def screen_updates(replies: list[Reply], instructions: dict[int, Instruction], l
 def admit_eval(decode: Callable[[], object], client_id: int, limits: Limits) -> tuple[dict | None, str | None]:
     """(metrics, None) for an acceptable evaluation result of `client_id`, else (None, why).
 
-    `decode` returns {"rouge_l", "exact_match", "n", ...} and "accuracy" when the client's test
-    examples have options; only those are read, and the caller adds the client's identity and
-    tier from its own records.
+    `decode` returns {"rouge_l", "exact_match", "n", ...}, "accuracy" when the client's test
+    examples have options and "state_sha256" (64 hex digits) under the personalised protocol;
+    only those are read, and the caller adds the client's identity and tier from its own records.
     """
     try:
         result = decode()
@@ -158,6 +160,11 @@ def admit_eval(decode: Callable[[], object], client_id: int, limits: Limits) -> 
         out = {"rouge_l": float(result["rouge_l"]), "exact_match": float(result["exact_match"]), "n": n}
         if accuracy is not None:
             out["accuracy"] = float(accuracy)
+        sha = result.get("state_sha256")
+        if sha is not None:
+            if not isinstance(sha, str) or not SHA256.fullmatch(sha):
+                return None, f"state_sha256 = {sha!r}; allowed: 64 lowercase hex digits"
+            out["state_sha256"] = sha
         return out, None
     except Exception as e:  # noqa: BLE001
         return None, _reason(e)

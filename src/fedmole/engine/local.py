@@ -35,6 +35,7 @@ from fedmole.engine.evaluation import (
     write_predictions,
 )
 from fedmole.engine.guard import ClientInfo, Limits, admit_train, screen_updates
+from fedmole.engine.personal import evaluated_sha256, save_client_states
 from fedmole.engine.setup import Setup, describe_setup
 from fedmole.messages import Instruction, Reply, State, state_nbytes, state_sha256
 from fedmole.reporting.report import read_metrics
@@ -156,21 +157,27 @@ class LocalEngine:
             write_predictions(out.path, records)
         trained = self.method.final_state(global_state)
         out.save_adapter(trained)
+        evaluated_sha = state_sha256(trained)
+        if self.method.protocol == "personalized":  # what was evaluated: each client's own model
+            opened = (self.pool.open(c, train=False) for c in sorted(self.setup.client_data))
+            save_client_states(out.path, self.method, opened, trained, final["per_client"])
+            evaluated_sha = evaluated_sha256(final["per_client"])
         summary = {
             "method": cfg.run.method,
             "engine": self.name,
             "model": cfg.model.name,
             "rounds": cfg.run.rounds,
             "seed": cfg.run.seed,
+            "protocol": self.method.protocol,
             "metrics": headline(final),
             "baseline_metrics": headline(before) if before else None,
             "per_client": final["per_client"],
-            "per_tier": final["per_tier"],
+            "per_tier": final["per_tier"] if self.method.tiered else {},
             "evaluation_missing": final.get("missing", {}),  # clients the final evaluation lacks, and why
             "compute": compute_summary(read_metrics(out.metrics_path), self.tier_flops()),
             "comm_bytes": comm,
             "wall_seconds": round(spent + time.perf_counter() - started, 2),
-            "final_state_sha256": state_sha256(trained),
+            "final_state_sha256": evaluated_sha,
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
             "data": self.setup.data_summary,
@@ -304,7 +311,7 @@ class LocalEngine:
     def evaluate(self, global_state: State, rnd: int) -> dict:
         """Score every client's eval split at its tier's k (every tier's, with eval.tiers = all);
         per client, per tier, mean, and the per-example `records`. Clients are opened as they are
-        scored; a method that is not personalised scores many clients' examples in one batch
+        scored; under the global protocol many clients' examples are scored in one batch
         (`evaluate_clients`)."""
         per_client, records = {}, []
         tiers = tiers_to_evaluate(self.setup)
@@ -313,7 +320,7 @@ class LocalEngine:
                    disable=not self.progress, leave=False)
         # the global model's view needs no client's kept state: loading it for a whole batch of
         # clients would hold their stores (optimizer moments, when kept) in memory at once
-        open_client = self.pool.open if self.method.personalized else self.setup.runtime
+        open_client = self.pool.open if self.method.protocol == "personalized" else self.setup.runtime
         opened = (open_client(c, train=False) for c in sorted(self.setup.client_data))
         for result in evaluate_clients(self.setup, opened, state, tiers):
             records += result.pop("records")
@@ -342,14 +349,13 @@ class LocalEngine:
     def client_name(self, client_id: int) -> str:
         return self.clients[client_id].name
 
-    def expert_usage(self, replies: list[Reply]) -> dict[str, list[float]]:
-        """Fraction of routed tokens per expert, averaged over modules, per client of the last round."""
+    def expert_usage(self, replies: list[Reply]) -> dict:
+        """Each client's routing in the last round, as the method summarises it (`Method.expert_usage`)."""
         usage = {}
         for r in replies:
-            if not r.expert_counts:
-                continue
-            fracs = [c / c.sum().clamp_min(1) for c in r.expert_counts.values()]
-            usage[self.client_name(r.client_id)] = torch.stack(fracs).mean(0).tolist()
+            summary = self.method.expert_usage(r)
+            if summary is not None:
+                usage[self.client_name(r.client_id)] = summary
         return usage
 
 

@@ -17,7 +17,7 @@ from fedmole.algorithms import METHODS, Method
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.adapters.moe_lora import is_moe_model
 from fedmole.assets import model_kind
-from fedmole.config import Config, assign_tiers, check_adapter_options
+from fedmole.config import Config, assign_tiers, check_adapter_options, eval_protocol
 from fedmole.data import partition as partitioning
 from fedmole.data.splits import build_clients
 from fedmole.data.summary import data_summary
@@ -120,7 +120,7 @@ def load_clients(cfg: Config, tiers: list[int], clients: list[ClientData] | None
         log.info("the task partition (one task per client) leaves %d of %d rows unused: their tasks went to "
                  "no client", len(examples) - assigned, len(examples))
     clients = build_clients(
-        parts, seed, val_frac=d.val_frac, test_frac=d.test_frac,
+        parts, seed, val_frac=d.val_frac, test_frac=d.test_frac, aux_frac=d.aux_frac, aux_max=d.aux_max or None,
         max_train=d.max_train or None, max_val=d.max_val or None, max_test=d.max_test or None,
     )
     summary = data_summary(d.source, d.partition, len(examples), assigned, clients, tiers)
@@ -161,13 +161,15 @@ class Setup:
         self.model.to(self.device)
         self.model.eval()  # injected layers start in training mode; the trainer switches modes itself
         self.method: Method = method_cls(cfg.method_options(), self.adapter, self.tiers, cfg.run.seed)
+        self.method.set_protocol(eval_protocol(cfg))
         if cfg.fed.robust == "trimmed_mean":
             self.method.trim = cfg.fed.trim_fraction
         self.trainer = LocalTrainer(
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,
             device=self.device, autocast_dtype=self.autocast, rescale_lr=cfg.train.rescale_lr,
-            keep_optimizer=cfg.train.optimizer_state == "keep",
+            keep_optimizer=cfg.train.optimizer_state == "keep", optimizer=cfg.train.optimizer, eps=cfg.train.eps,
+            lr_decay=cfg.train.lr_decay,
         )
         if self.clients:  # built one at a time, only if the method consumes them
             self.method.attach_clients(self.runtime(c.client_id) for c in self.clients)
@@ -227,5 +229,5 @@ def describe_setup(setup: Setup, engine: str, run_dir) -> list[str]:
     return startup_lines(
         method=setup.cfg.run.method, engine=engine, model=setup.cfg.model.name, base_params=total - trainable,
         trainable_params=trainable, device=str(setup.device), precision=precision, rounds=setup.cfg.run.rounds,
-        run_dir=str(run_dir), data=setup.data_summary,
+        run_dir=str(run_dir), data=setup.data_summary, tiered=setup.method.tiered,
     )

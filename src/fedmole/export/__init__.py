@@ -5,8 +5,8 @@
 Single-LoRA methods export to PEFT (`export/peft.py`); mixtures of LoRA experts
 to the fedmole format (`export/native.py`, loaded with `fedmole.load_adapter`);
 `merge` folds the adapter into the base weights where that is exact
-(`export/merge.py`). Personalised methods (local, FedAMoLE) export one adapter
-per client, in a folder per client name, unless `client` picks one.
+(`export/merge.py`). A personalised run (always for local and FedAMoLE) exports
+one adapter per client, in a folder per client name, unless `client` picks one.
 """
 
 from __future__ import annotations
@@ -48,10 +48,9 @@ def _folder(name: str) -> str:
 def export_run(run_dir: str | Path, out: str | Path, *, fmt: str | None = None, client: str | int | None = None,
                tier: int | None = None, merge: bool = False) -> list[Exported]:
     """Export a finished run into `out`; returns what was written (one entry per client for
-    personalised methods without `client`). `fmt` defaults to peft for single-LoRA methods,
+    personalised runs without `client`). `fmt` defaults to peft for single-LoRA methods,
     else fedmole; `merge` writes a standalone Hugging Face model instead of an adapter."""
-    from fedmole.algorithms import METHODS
-    from fedmole.config import load_config
+    from fedmole.config import eval_protocol, load_config
     from fedmole.export.merge import save_merged
     from fedmole.export.native import native_export, save_native
     from fedmole.export.peft import peft_export, save_peft
@@ -66,7 +65,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, fmt: str | None = None, 
         raise ExportError(f"{out} exists and is not empty; choose a new --out")
     cfg = load_config(run_dir / "config.toml")
     clients = run_clients(run_dir)
-    if METHODS[cfg.run.method].personalized and client is None:
+    if eval_protocol(cfg) == "personalized" and client is None:
         targets = [(c.name, out / _folder(c.name)) for c in clients]
     else:
         targets = [(find_client(clients, client).name if client is not None else None, out)]

@@ -215,6 +215,8 @@ def read_evaluate(content: RecordDict) -> EvaluateRequest:
 def result_content(name: str, result: dict) -> RecordDict:
     """One client's evaluation (`fedmole.engine.local.evaluate_client` output) as records."""
     meta = ConfigRecord({"name": name, "client-id": result["client_id"], "tier": result["tier"]})
+    if "state_sha256" in result:  # personalised protocol: which of the node's own models was scored
+        meta["state-sha256"] = str(result["state_sha256"])
     metrics = MetricRecord({"rouge-l": float(result["rouge_l"]), "exact-match": float(result["exact_match"]),
                             "n": int(result["n"]),
                             **({"accuracy": float(result["accuracy"])} if "accuracy" in result else {})})
@@ -224,7 +226,9 @@ def result_content(name: str, result: dict) -> RecordDict:
 def read_result(content: RecordDict) -> tuple[str, dict]:
     meta = _get(content, "evaluate", ConfigRecord)
     m = _get(content, "metrics", MetricRecord)
-    return str(meta["name"]), {"client_id": int(meta["client-id"]), "tier": int(meta["tier"]),
-                               "rouge_l": float(m["rouge-l"]), "exact_match": float(m["exact-match"]),
-                               **({"accuracy": float(m["accuracy"])} if "accuracy" in m else {}),
-                               "n": int(m["n"])}
+    result = {"client_id": int(meta["client-id"]), "tier": int(meta["tier"]), "rouge_l": float(m["rouge-l"]),
+              "exact_match": float(m["exact-match"]),
+              **({"accuracy": float(m["accuracy"])} if "accuracy" in m else {}), "n": int(m["n"])}
+    if "state-sha256" in meta:
+        result["state_sha256"] = str(meta["state-sha256"])
+    return str(meta["name"]), result

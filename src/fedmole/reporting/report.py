@@ -203,9 +203,13 @@ def _client_section(per_client: dict) -> list[str]:
         return []
     first = ["tier", "rouge_l", "exact_match", "accuracy"]
     present = {k for info in per_client.values() for k, v in (info or {}).items() if _is_scalar(v)}
-    columns = [c for c in first if c in present] + sorted(present - set(first))
+    columns = [c for c in first if c in present] + sorted(present - set(first) - {"state_sha256"})
     rows = [[_cell("client", name)] + [_cell(c, (per_client[name] or {}).get(c)) for c in columns]
             for name in sorted(per_client, key=_sort_key)]
+    if "state_sha256" in present:  # personalised runs: each client's own model (RUN_DIR/clients/)
+        columns.append("model sha256")
+        for row, name in zip(rows, sorted(per_client, key=_sort_key)):
+            row.append(f"`{str((per_client[name] or {}).get('state_sha256', ''))[:12]}`")
     return ["## Per client", "", *_table(["client", *columns], rows), ""]
 
 
@@ -282,34 +286,70 @@ def _plot_metrics(rounds: list[dict], path: Path) -> bool:
     return True
 
 
+def _client_label(name: str, tier: int | None, limit: int = 44) -> str:
+    """`name (k=tier)`, a long name cut in the middle so the heatmap keeps its width."""
+    short = name if len(name) <= limit else name[: limit - 13] + "…" + name[-12:]
+    return f"{short} (k={tier})" if tier is not None else short
+
+
+def _usage_panels(usage: dict, names: list[str]) -> tuple[str, list[tuple[str | None, Any]]]:
+    """(title, [(panel title, grid (clients, experts))]): one grid for per-client lists (an expert
+    is the same slot in every module), the first and last module for per-module dicts (FedAMoLE:
+    pool experts, NaN where a client does not hold one)."""
+    import numpy as np
+
+    if not all(isinstance(usage[n], dict) for n in names):
+        width = max(len(usage[n]) for n in names)
+        grid = np.full((len(names), width), np.nan)  # NaN where a client has fewer experts
+        for row, name in enumerate(names):
+            grid[row, : len(usage[name])] = usage[name]
+        return "share of each client's routed tokens per expert (mean over modules)", [(None, grid)]
+    modules = list(dict.fromkeys(m for n in names for m in usage[n]))
+    panels = []
+    for module in dict.fromkeys([modules[0], modules[-1]]):
+        width = 1 + max(int(j) for n in names for j in usage[n].get(module, {}))
+        grid = np.full((len(names), width), np.nan)
+        for row, name in enumerate(names):
+            for j, share in usage[name].get(module, {}).items():
+                grid[row, int(j)] = share
+        panels.append((module, grid))
+    return "share of each client's routed tokens per pool expert (blank: not held)", panels
+
+
 def _plot_expert_usage(usage: dict, per_client: dict, path: Path) -> bool:
     names = [n for n in sorted(usage, key=_sort_key) if usage[n]]
     if not names:
         return False
+    import textwrap
+
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    width = max(len(usage[n]) for n in names)
-    grid = np.full((len(names), width), np.nan)  # (clients, experts); NaN where a client has fewer experts
-    for row, name in enumerate(names):
-        grid[row, : len(usage[name])] = usage[name]
-    labels = []
-    for name in names:
-        tier = (per_client.get(name) or {}).get("tier")
-        labels.append(f"{name} (k={tier})" if tier is not None else str(name))
-
-    fig = Figure(figsize=(max(6, 0.4 * width + 3), max(3, 0.35 * len(names) + 1.5)), layout="constrained")
+    title, panels = _usage_panels(usage, names)
+    tiered = panels[0][0] is None  # per-module usage (FedAMoLE) comes from clients without tiers
+    labels = [_client_label(n, (per_client.get(n) or {}).get("tier") if tiered else None) for n in names]
+    cols = max(grid.shape[1] for _, grid in panels)
+    # inches: room for the longest label, cells of a readable size, the colour bar
+    label_w = 0.075 * max(len(x) for x in labels) + 0.6
+    heat_w = max(3.5, (0.32 if cols <= 32 else 0.2) * cols)
+    fig_w = label_w + heat_w + 1.4
+    panel_h = 0.32 * len(names) + 1.1
+    fig = Figure(figsize=(fig_w, panel_h * len(panels) + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0)
-    ax.set_xlabel("expert")
-    if width <= 32:
-        ax.set_xticks(range(width))
-    ax.set_ylabel("client")
-    ax.set_yticks(range(len(names)), labels)
-    ax.set_title("fraction of routed tokens per expert")
-    fig.colorbar(image, ax=ax)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    vmax = max(float(np.nanmax(grid)) for _, grid in panels if not np.isnan(grid).all())
+    for ax, (panel, grid) in zip(axes, panels):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+        ax.set_xlabel("pool expert" if panel else "expert")
+        if grid.shape[1] <= 32:
+            ax.set_xticks(range(grid.shape[1]))
+            ax.tick_params(axis="x", labelsize=8)
+        ax.set_yticks(range(len(names)), labels, fontsize=9)
+        if panel:
+            ax.set_title(panel, fontsize=9)
+    fig.colorbar(image, ax=list(axes), shrink=0.9)
+    fig.suptitle(textwrap.fill(title, width=max(30, int(fig_w / 0.085))), fontsize=11)
     fig.savefig(path, dpi=100)
     return True
 
@@ -324,7 +364,8 @@ def write_report(run_dir: Path) -> Path:
     method = summary.get("method", "unknown method")
     lines = [f"# fedmole run: {method}", ""]
     for label, key in (("engine", "engine"), ("model", "model"), ("rounds", "rounds"), ("seed", "seed"),
-                       ("autocast", "autocast"), ("final state sha256", "final_state_sha256")):
+                       ("evaluation protocol", "protocol"), ("autocast", "autocast"),
+                       ("final state sha256", "final_state_sha256")):
         if summary.get(key) is not None:
             lines.append(f"- {label}: `{summary[key]}`")
     if rounds and "rounds" not in summary:

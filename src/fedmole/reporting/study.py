@@ -4,7 +4,10 @@ Everything is computed from the runs' own files (summary.json,
 predictions.jsonl, metrics.jsonl), so a reader holding them can recompute every
 figure. Per arm and metric: the mean over test examples with a 95% interval by
 a bootstrap stratified by (seed, client), overall (each client at its own tier)
-and per tier (every example scored at that tier's k). Differences between arms
+and per tier (every example scored at that tier's k; none for a method whose
+clients have no tiers, FedAMoLE). Each arm is evaluated under its run's
+protocol (`eval.protocol`: the global model, or each client's own); arms under
+different protocols draw a warning, since only like compares with like. Differences between arms
 are paired by (seed, client, example id, tier). A claim "A > B on M" is
 supported when the paired interval of A - B lies above 0, refuted when it lies
 below, inconclusive otherwise; a compute claim "A at tier K1 step_seconds <= R x
@@ -98,8 +101,17 @@ class Estimator:
 # --------------------------------------------------------------------------- analysis
 
 
-def tiers_of(runs: list[dict]) -> list[int]:
-    return sorted({r["tier"] for run in runs if run["status"] == "done" for r in run["records"]}, reverse=True)
+def tiered(study, arm: str) -> bool:
+    """Whether `arm`'s method has tiers (per-tier figures); FedAMoLE's clients differ in data only."""
+    from fedmole.algorithms import METHODS
+
+    return METHODS[study.arm(arm).method].tiered
+
+
+def tiers_of(study, runs: list[dict]) -> list[int]:
+    """The tiers scored by the finished runs of the tiered arms, largest first."""
+    return sorted({r["tier"] for run in runs if run["status"] == "done" and tiered(study, run["arm"])
+                   for r in run["records"]}, reverse=True)
 
 
 def analyse(study, runs: list[dict]) -> dict:
@@ -107,21 +119,22 @@ def analyse(study, runs: list[dict]) -> dict:
     done = [r for r in runs if r["status"] == "done"]
     arms = [a.name for a in study.arms]
     scores = {a: Scores([r for r in done if r["arm"] == a], study.metrics) for a in arms}
-    tiers = tiers_of(done)
+    tiers = tiers_of(study, done)
     est = Estimator(study.bootstrap)
     out_arms = {a: {} for a in arms}
     paired = []
     for tier in [None, *tiers]:  # slice by slice, so the cached resamplings stay few
         est.clear()
+        here = arms if tier is None else [a for a in arms if tiered(study, a)]
         for m in study.metrics:
-            sel = {a: scores[a].select(m, tier) for a in arms}
-            for a in arms:
+            sel = {a: scores[a].select(m, tier) for a in here}
+            for a in here:
                 cell = est.mean(sel[a])
                 if tier is None:
                     out_arms[a][m] = {**cell, "per_tier": {}, "per_seed": _per_seed(sel[a])}
                 else:
                     out_arms[a].setdefault(m, {"per_tier": {}})["per_tier"][str(tier)] = cell
-            for a, b in combinations(arms, 2):
+            for a, b in combinations(here, 2):
                 res = est.paired(sel[a], sel[b])
                 if res["n"]:
                     paired.append({"a": a, "b": b, "metric": m, "tier": tier, "diff": res["mean"],
@@ -217,6 +230,8 @@ def budget(study, runs: list[dict], rates: dict, sizes: dict) -> dict:
     """What every arm ran with: config budget, test examples scored, wall time, machine, precision."""
     import torch
 
+    from fedmole.config import eval_protocol
+
     done = [r for r in runs if r["status"] == "done"]
     per_arm = {}
     for arm in study.arms:
@@ -226,12 +241,13 @@ def budget(study, runs: list[dict], rates: dict, sizes: dict) -> dict:
         for r in mine:
             own = sum(1 for x in r["records"] if x["tier"] == x["client_tier"])
             per_tier = defaultdict(int)
-            for x in r["records"]:
+            for x in r["records"] if tiered(study, arm.name) else []:
                 per_tier[str(x["tier"])] += 1
             by_tier = dict(sorted(per_tier.items(), key=lambda x: -int(x[0])))
             tested[str(r["seed"])] = {"overall": own, "per_tier": by_tier}
         per_arm[arm.name] = {
             **({f"{s}.{k}": getattr(getattr(cfg, s), k) for s, k in _BUDGET_KEYS} if cfg else {}),
+            "protocol": eval_protocol(cfg) if cfg else None,
             "lr": rates.get(arm.name, {}).get("lr"),
             "test_examples": tested,
             "test_examples_planned": sizes.get(arm.name),
@@ -249,6 +265,12 @@ def fairness(study, runs: list[dict], budget_: dict) -> list[str]:
     """Problems with the premise: arms must share the budget and, per seed, score the same test examples."""
     issues = []
     first = study.arms[0].name
+    protocols = defaultdict(list)
+    for arm in study.arms:
+        protocols[budget_["arms"][arm.name].get("protocol")].append(arm.name)
+    if len(protocols) > 1:
+        issues.append("arms are evaluated under different protocols (" + "; ".join(
+            f"{p}: {', '.join(names)}" for p, names in protocols.items()) + "): compare like with like")
     for arm in study.arms[1:]:
         diff = [f"{s}.{k}" for s, k in _BUDGET_KEYS
                 if budget_["arms"][arm.name].get(f"{s}.{k}") != budget_["arms"][first].get(f"{s}.{k}")]
@@ -279,7 +301,9 @@ def write_study(root: Path, study, specs, rates: dict, failures: dict, warnings:
     result = analyse(study, runs)
     b = budget(study, runs, rates, sizes)
     result = {
-        "study": {**meta, "arms": {a.name: {"method": a.method, "set": a.overrides} for a in study.arms},
+        "study": {**meta, "arms": {a.name: {"method": a.method, "set": a.overrides,
+                                            "protocol": b["arms"][a.name]["protocol"],
+                                            "tiered": tiered(study, a.name)} for a in study.arms},
                   "metrics": study.metrics, "bootstrap": study.bootstrap, "level": stats.LEVEL},
         "arms": result["arms"],
         "paired": result["paired"],

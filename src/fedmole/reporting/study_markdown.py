@@ -13,7 +13,9 @@ HOW = ("Intervals are 95% percentile intervals of a bootstrap over test examples
        "**inconclusive** otherwise; a compute claim \"… <= R x …\" is supported when the whole interval of the "
        "ratio of median step times is at most R, refuted when all of it exceeds R (\">=\" mirrors it). "
        "\"overall\" scores each client at its own tier; \"k=K\" scores every example evaluated with K experts "
-       "(every client under `eval.tiers = all`, else the clients of that tier). The intervals reflect the "
+       "(every client under `eval.tiers = all`, else the clients of that tier; a method without tiers, FedAMoLE, "
+       "has no k columns). \"protocol\" is what was scored: the global model, or each client's own model after "
+       "its last local training (personalized); compare arms under the same protocol. The intervals reflect the "
        "sampling of test examples given these runs; the spread between seeds shows in the per-seed means of "
        "study.json.")
 
@@ -49,6 +51,7 @@ def markdown(result: dict) -> str:
               f"- seeds: {', '.join(map(str, st['seeds']))}" + (f"; shared overrides: `{' '.join(st['set'])}`"
                                                               if st.get("set") else ""),
               "- arms: " + "; ".join(f"**{a}** = `{v['method']}`" + (f" `{' '.join(v['set'])}`" if v["set"] else "")
+                                    + (f" ({v['protocol']})" if v.get("protocol") else "")
                                     for a, v in st["arms"].items()),
               f"- bootstrap: {st['bootstrap']} replicates", ""]
 
@@ -69,18 +72,22 @@ def markdown(result: dict) -> str:
             cell = result["arms"][a].get(m) or {}
             if not cell.get("n"):
                 continue
-            rows.append([a, st["arms"][a]["method"], f"{lr.get(a, {}).get('lr', float('nan')):g}", _cell(cell),
-                         str(cell["n"]), *(_cell(cell.get("per_tier", {}).get(t)) for t in tiers)])
+            rows.append([a, st["arms"][a]["method"], st["arms"][a].get("protocol") or "–",
+                         f"{lr.get(a, {}).get('lr', float('nan')):g}", _cell(cell), str(cell["n"]),
+                         *(_cell(cell.get("per_tier", {}).get(t)) for t in tiers)])
         if rows:
-            lines += [f"## {m}", "", *_table(["arm", "method", "lr", "overall", "n", *(f"k={t}" for t in tiers)], rows)]
+            lines += [f"## {m}", "", *_table(["arm", "method", "protocol", "lr", "overall", "n",
+                                              *(f"k={t}" for t in tiers)], rows)]
 
     comp = result["compute"]
     if any(comp.values()):
         top = max((c["step_seconds"] for v in comp.values() for c in v.values() if c.get("step_seconds")), default=0)
         scale, unit = (1.0, " s") if top >= 1 else (1000.0, " ms")
-        rows = [[a, *(_cell(comp[a].get(t), scale, unit, key="step_seconds") for t in tiers)] for a in arms]
+        ks = [str(t) for t in sorted({int(t) for v in comp.values() for t in v}, reverse=True)]
+        rows = [[a, *(_cell(comp[a].get(t), scale, unit, key="step_seconds") for t in ks)] for a in arms]
         lines += ["## Measured compute", "", "Median wall time of one optimizer step over client-rounds (pooled over "
-                  "seeds), with a bootstrap 95% interval.", "", *_table(["arm", *(f"k={t}" for t in tiers)], rows)]
+                  "seeds), with a bootstrap 95% interval, by the clients' tier.", "",
+                  *_table(["arm", *(f"k={t}" for t in ks)], rows)]
 
     primary = st["metrics"][0]
     pairs = [p for p in result["paired"] if p["metric"] == primary]
