@@ -122,6 +122,14 @@ def test_cross_tier_evaluation_needs_the_local_engine():
         load_config(None, ["eval.tiers=some"])
 
 
+@pytest.mark.parametrize("method", ["flexlora", "flora", "fedamole"])
+def test_methods_that_restart_their_adapter_refuse_kept_moments(method):
+    with pytest.raises(ConfigError, match=f"train.optimizer_state = 'keep' does not apply to {method}: .*"
+                                          "allowed: reset"):
+        load_config("configs/tiny.toml", [f"method={method}", "train.optimizer_state=keep"])
+    assert load_config("configs/tiny.toml", ["method=hetlora", "train.optimizer_state=keep"]).train.optimizer_state == "keep"
+
+
 def test_evaluation_protocol_per_method():
     from fedmole.config import eval_protocol
 

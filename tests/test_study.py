@@ -96,7 +96,8 @@ def test_one_seed_gives_every_arm_the_same_data_tiers_sampling_and_batches(tmp_p
         engine = LocalEngine(resolve(study, study.arm(arm), seed, study.arm(arm).lr), tmp_path / f"{arm}{seed}")
         s = engine.setup
         data = [(c.name, [[e.id for e in split] for split in (c.train, c.aux, c.val, c.test)]) for c in s.clients]
-        batches = [[rt.batches.next()["input_ids"].tolist() for _ in range(3)] for rt in s.runtimes]
+        batches = [[rt.batches.next()["input_ids"].tolist() for _ in range(3)]
+                   for rt in (s.runtime(c.client_id) for c in s.clients)]
         return data, s.tiers, [engine.select(r) for r in (1, 2, 3)], batches
 
     for seed in (0, 3):

@@ -1,4 +1,4 @@
-"""The answer-only loss equals the model's own causal-LM loss."""
+"""Local training: the answer-only loss, the rescalers' own rate, and optimizer state across rounds."""
 
 import pytest
 import torch
@@ -42,7 +42,7 @@ def _rescaler_run(rescale_lr, weight_decay=0.0, steps=12):
     labels[:, :5] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     trainer = LocalTrainer(steps=steps, lr=1e-3, weight_decay=weight_decay, grad_clip=0.0, aux_weight=0.0,
-                           device=torch.device("cpu"), rescale_lr=rescale_lr)
+                           device=torch.device("cpu"), rescale_lr=rescale_lr, keep_optimizer=True)
     start = torch.stack([layer.rescale.detach().clone() for layer in adapter.layers.values()])
     store = {}
     trainer.train(adapter, _Batches(batch), k=1, store=store, rnd=1)
@@ -60,11 +60,40 @@ def test_learned_rescalers_have_their_own_rate_and_no_weight_decay():
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [(1e-3, 0.5, 4 * 3), (0.05, 0.0, 4)]  # 2 layers x q, v
 
 
+def _trained(keep: bool, stores: list[dict]) -> torch.Tensor:
+    """The adapter after one round of two steps per store in `stores`, each round starting from the
+    previous round's result; returns every adapter tensor, flattened."""
+    from fedmole.adapters.inject import MoLEConfig, inject_mole
+    from fedmole.training import LocalTrainer
+
+    adapter = inject_mole(tiny_llama(320, seed=0), MoLEConfig(num_experts=4, rank=2, dropout=0.0), k_max=4)
+    ids = torch.randint(0, 320, (4, 10), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    trainer = LocalTrainer(steps=2, lr=1e-2, weight_decay=0.0, grad_clip=0.0, aux_weight=0.0,
+                           device=torch.device("cpu"), keep_optimizer=keep)
+    for rnd, store in enumerate(stores, start=1):
+        trainer.train(adapter, _Batches(batch), k=2, store=store, rnd=rnd)
+    return torch.cat([p.detach().flatten() for p in adapter.parameters()])
+
+
+def test_reset_starts_every_round_afresh_and_keep_carries_the_moments():
+    kept = {}
+    with_reset, fresh = _trained(False, [kept, kept]), _trained(False, [{}, {}])
+    assert torch.equal(with_reset, fresh) and kept == {}  # reset: round 2 = a fresh optimizer, nothing stored
+    with_keep = _trained(True, [kept, kept])
+    assert not torch.equal(with_keep, fresh)
+    assert all(int(s["step"]) == 4 for s in kept["optimizer"]["state"].values())  # two rounds of two steps
+
+
 def test_rates_decay_per_round_and_survive_restored_moments():
     from fedmole.training import LocalTrainer
 
     trainer = LocalTrainer(steps=1, lr=1e-3, weight_decay=0.0, grad_clip=0.0, aux_weight=0.0,
-                           device=torch.device("cpu"), rescale_lr=0.05, lr_decay=0.5, optimizer="adam", eps=1e-6)
+                           device=torch.device("cpu"), rescale_lr=0.05, lr_decay=0.5, optimizer="adam", eps=1e-6,
+                           keep_optimizer=True)
     assert trainer.round_lr(1) == (1e-3, 0.05) and trainer.round_lr(3) == (0.25e-3, 0.0125)
     from fedmole.adapters.inject import MoLEConfig, inject_mole
 
@@ -109,9 +138,10 @@ def test_every_method_trains_at_the_rate_of_the_round(method):
     type(setup.trainer).train = spy
     try:
         state = setup.method.initial_state(setup.adapter)
+        rt = setup.runtime(0)
         for rnd in (1, 2, 3):
             (instruction,) = setup.method.configure(rnd, [0], state)
-            setup.method.client_update(setup.runtimes[0], instruction)
+            setup.method.client_update(rt, instruction)
     finally:
         type(setup.trainer).train = real
     assert seen == [(1, 1e-2), (2, 5e-3), (3, 2.5e-3)]

@@ -15,7 +15,8 @@
 #   SITES       1 = real sites: node i reads only its own data file WORKDIR/sites/site_i/data.jsonl
 #               (written by split_sites.py from CONFIG), and the server is given no data at all
 #
-# Node i gets --node-config "partition-id=i tier=T_i [data-path=...]": it serves fedmole client i.
+# Node i gets --node-config "partition-id=i tier=T_i state-dir=WORKDIR/node-state [data-path=...]": it
+# serves fedmole client i and keeps that client's state between rounds under WORKDIR/node-state.
 # Everything it starts runs in this script's process group and is stopped on exit.
 set -euo pipefail
 n=${1:?usage: deploy_local.sh N [WORKDIR]}
@@ -90,7 +91,7 @@ fi
 
 echo "== $n SuperNodes"
 for ((i = 0; i < n; i++)); do
-    node_config="partition-id=$i"
+    node_config="partition-id=$i state-dir='$work/node-state'"
     if [ -n "${tiers[i]:-}" ]; then node_config="$node_config tier=${tiers[i]}"; fi
     if [ "${SITES:-0}" = 1 ]; then node_config="$node_config data-path='$work/sites/site_$i/data.jsonl'"; fi
     flower-supernode --superlink "127.0.0.1:$port" --root-certificates "$work/certs/ca.crt" \

@@ -44,7 +44,8 @@ class RunSection:
     autocast: str = opt("auto", "mixed precision: auto (bf16 where the CPU supports it) | bf16 | off",
                         choices=("auto", "bf16", "off"))
     device: str = opt("auto", "torch device: auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
-    threads: int = opt(0, "torch CPU threads (0 = torch default)", range=(0, None))
+    threads: int = opt(0, "torch CPU threads (0 = torch default); on flower-sim also the CPUs each client actor "
+                       "claims (0 = all)", range=(0, None))
     progress: bool = opt(True, "show progress bars")
     tracker: str = opt("none", "per-round metrics to an experiment tracker: none | tensorboard (RUN_DIR/tensorboard) "
                        "| mlflow (MLFLOW_TRACKING_URI); needs the extra of that name", choices=("none", "tensorboard",
@@ -119,6 +120,10 @@ class TrainSection:
                             range=(0.0, 1.0))
     weight_decay: float = opt(0.0, "weight decay (decoupled for adamw, an L2 term for adam)", range=(0.0, None))
     grad_clip: float = opt(1.0, "gradient norm clip (0 = off)", range=(0.0, None))
+    optimizer_state: str = opt("reset", "optimizer moments across rounds: reset (each round's local training starts a "
+                               "fresh optimizer, as FedIT, FedAMoLE's code and FlowerTune do) | keep (a client "
+                               "resumes its own moments, kept at rest with its state; not for flexlora, flora, "
+                               "fedamole)", choices=("reset", "keep"))
     optimizer: str = opt("adamw", "local optimizer: adamw | adam (FedAMoLE's official recipe)",
                          choices=("adamw", "adam"))
     eps: float = opt(1e-8, "Adam epsilon (FedAMoLE's official recipe: 1e-6)", range=(0.0, 1.0))
@@ -387,6 +392,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"fed.robust = 'trimmed_mean' does not apply to {cfg.run.method}, whose aggregation "
                               "is not a weighted average of the clients' tensors; allowed for: "
                               + ", ".join(n for n, c in _method_classes().items() if c.robust_averaging))
+    refused = _method_classes()[cfg.run.method].keep_optimizer_refused
+    if cfg.train.optimizer_state == "keep" and refused:
+        raise ConfigError(f"train.optimizer_state = 'keep' does not apply to {cfg.run.method}: {refused}; "
+                          "allowed: reset")
     if cfg.fed.min_clients > cfg.data.num_clients:
         raise ConfigError(
             f"fed.min_clients = {cfg.fed.min_clients} exceeds data.num_clients = {cfg.data.num_clients}"

@@ -357,8 +357,11 @@ def _execute(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoi
             log.exception("run %s failed", spec.dir_name)
             failures[spec.dir_name] = repr(e)
             continue
-        if not keep_checkpoints:
+        if not keep_checkpoints:  # with the client state they name
+            from fedmole.engine.client_state import RunClientStates
+
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run_dir / RunClientStates.FOLDER, ignore_errors=True)
 
 
 def _lr_name(lr: float) -> str:

@@ -57,6 +57,10 @@ class LocalTrainer:
     and decay would pull it towards 0 instead of its k_ref/k start. `grad_clip` = 0
     leaves the gradients unclipped.
 
+    `keep_optimizer` (train.optimizer_state = keep) carries a client's Adam(W) moments from one
+    round's local training to its next, through the client's store; otherwise every round
+    starts a fresh optimizer (reset, as FedIT, FedAMoLE's code and FlowerTune do).
+
     Every optimizer step's wall time (batch to device, forward, backward, clip, step) is
     appended to `step_seconds`, which the engine empties before each client step and reads
     after it. `dataclasses.replace` copies share the list, so their steps are counted too.
@@ -70,6 +74,7 @@ class LocalTrainer:
     device: torch.device
     autocast_dtype: torch.dtype | None = None
     rescale_lr: float | None = None  # None: the LoRA rate
+    keep_optimizer: bool = False
     optimizer: str = "adamw"
     eps: float = 1e-8
     lr_decay: float = 1.0
@@ -83,8 +88,8 @@ class LocalTrainer:
     def train(self, adapter: MoLEAdapter, batches, k: int, store: dict, *, rnd: int, params=None) -> float:
         """Run `steps` optimizer steps of round `rnd` with k active experts; return the mean loss.
 
-        `store` is the client's persistent dict: its optimizer state is restored
-        from and saved to `store["optimizer"]`. `params` restricts training to a
+        `store` is the client's persistent dict: with `keep_optimizer`, its optimizer state is
+        restored from and saved to `store["optimizer"]`. `params` restricts training to a
         subset of the adapter tensors (default: all).
         """
         if self.optimizer not in OPTIMIZERS:
@@ -97,7 +102,7 @@ class LocalTrainer:
         if scales:
             groups.append({"params": scales, "lr": rescale_lr, "weight_decay": 0.0})
         optimizer = OPTIMIZERS[self.optimizer](groups, lr=lr, eps=self.eps, weight_decay=self.weight_decay)
-        if "optimizer" in store:
+        if self.keep_optimizer and "optimizer" in store:
             optimizer.load_state_dict(store["optimizer"])
             for group, rate in zip(optimizer.param_groups, (lr, rescale_lr)):
                 group["lr"], group["eps"] = rate, self.eps
@@ -123,5 +128,6 @@ class LocalTrainer:
                 self.step_seconds.append(time.perf_counter() - started)
         finally:
             model.eval()
-        store["optimizer"] = optimizer.state_dict()
+        if self.keep_optimizer:
+            store["optimizer"] = optimizer.state_dict()
         return total / self.steps

@@ -5,9 +5,11 @@ import json
 from statistics import fmean
 
 import pytest
+import torch
 
 from fedmole.config import load_config
-from fedmole.engine.evaluation import read_predictions
+from fedmole.engine import evaluation
+from fedmole.engine.evaluation import evaluate_client, evaluate_clients, read_predictions, tiers_to_evaluate
 from fedmole.engine.local import LocalEngine, run_local
 
 TINY = "configs/tiny.toml"
@@ -22,7 +24,7 @@ def test_predictions_hold_one_scored_record_per_test_example(tmp_path):
     engine = LocalEngine(tiny_cfg(), tmp_path)
     summary = engine.run()
     records = read_predictions(tmp_path)
-    tests = {rt.data.name: rt.data.test for rt in engine.setup.runtimes}
+    tests = {c.name: c.test for c in engine.setup.clients}
     assert len(records) == sum(len(t) for t in tests.values()) == 24
     for name, examples in tests.items():
         mine = [r for r in records if r["client_name"] == name]
@@ -40,6 +42,42 @@ def test_predictions_hold_one_scored_record_per_test_example(tmp_path):
     ids = [(r["client"], r["example_id"]) for r in records]
     assert len(set(ids)) == len(ids) and all(r["example_id"] for r in records)
     assert "accuracy" in summary["metrics"] and "accuracy" in summary["per_tier"]["4"]
+
+
+@pytest.mark.parametrize("method,tiers", [("flame", "all"), ("hetlora", "own")])
+def test_clients_scored_together_score_as_they_do_one_at_a_time(tmp_path, monkeypatch, method, tiers):
+    # batches of 3 prompts straddle clients (4 test examples each), and chunks of 2 batches hold 2 clients
+    engine = LocalEngine(tiny_cfg(f"method={method}", f"eval.tiers={tiers}", "eval.batch_size=3"), tmp_path)
+    setup = engine.setup
+    torch.manual_seed(0)  # a trained-looking state: every tier's view differs from the base model
+    start = engine.method.initial_state(setup.adapter)
+    state = engine.method.final_state({k: v + 0.1 * torch.randn_like(v) for k, v in start.items()})
+    at = tiers_to_evaluate(setup)
+    ids = sorted(setup.client_data)
+    alone = [evaluate_client(setup, setup.runtime(c, train=False), state, at) for c in ids]
+
+    calls = []
+    predict = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda model, tok, examples, *a, **k: calls.append(len(examples))
+                        or predict(model, tok, examples, *a, **k))
+    monkeypatch.setattr(evaluation, "CHUNK_BATCHES", 2)
+    together = list(evaluate_clients(setup, (setup.runtime(c, train=False) for c in ids), state, at))
+    assert together == alone  # per-client and per-tier means, and every record with its prediction
+    labels = 3 if tiers == "all" else 1
+    assert calls == [8] * 3 * labels  # three chunks of two clients, one call per tier each
+    assert len({r["prediction"] for res in alone for r in res["records"]}) > 1
+
+
+def test_a_personalised_method_scores_each_client_with_its_own_model(tmp_path, monkeypatch):
+    engine = LocalEngine(tiny_cfg("method=local"), tmp_path)
+    calls = []
+    predict = evaluation.predict
+    monkeypatch.setattr(evaluation, "predict", lambda model, tok, examples, *a, **k: calls.append(len(examples))
+                        or predict(model, tok, examples, *a, **k))
+    state = engine.method.initial_state(engine.setup.adapter)
+    ids = sorted(engine.setup.client_data)
+    results = list(evaluate_clients(engine.setup, (engine.pool.open(c, train=False) for c in ids), state))
+    assert [r["client_id"] for r in results] == ids and calls == [4] * 6
 
 
 def test_cross_tier_evaluation_scores_every_client_at_every_tier(tmp_path):
@@ -78,7 +116,7 @@ def test_validation_split_is_scored_when_asked_and_must_exist(tmp_path):
     engine = LocalEngine(tiny_cfg("eval.split=val", "data.max_val=3", "rounds=1"), tmp_path / "val")
     engine.run()
     records = read_predictions(tmp_path / "val")
-    val_ids = {ex.id for rt in engine.setup.runtimes for ex in rt.data.val}
+    val_ids = {ex.id for c in engine.setup.clients for ex in c.val}
     assert len(records) == 18 and {r["example_id"] for r in records} <= val_ids
     with pytest.raises(ValueError, match="has no val examples"):
         run_local(tiny_cfg("eval.split=val", "data.val_frac=0.0", "rounds=1"), tmp_path / "none")

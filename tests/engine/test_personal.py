@@ -39,7 +39,7 @@ def test_flame_personalised_scores_each_clients_own_trained_model(tmp_path, monk
     assert state_sha256(load_file(str(tmp_path / "own" / "adapter.safetensors"))) == \
         state_sha256(load_file(str(tmp_path / "global" / "adapter.safetensors")))
     scores = {p: {n: c["rouge_l"] for n, c in s["per_client"].items()} for p, s in (("own", own), ("g", glob))}
-    assert scores["own"] != scores["g"] and own["metrics"] != glob["metrics"]
+    assert scores["own"] != scores["g"]  # (the means over a few examples may still coincide)
     assert not (tmp_path / "global" / "clients").exists()
 
     shas = {}

@@ -12,10 +12,12 @@ def cfg_factory():
 
 
 @pytest.fixture
-def grid_factory():
-    """grid(node_configs): an InProcessGrid running fedmole's ClientApp."""
+def grid_factory(tmp_path):
+    """grid(node_configs): an InProcessGrid running fedmole's ClientApp, its nodes keeping their
+    clients' state under the test's temporary folder."""
     from inprocess import InProcessGrid
 
     from fedmole.flower.client_app import app
 
-    return lambda node_configs: InProcessGrid(app, node_configs)
+    state = str(tmp_path / "node-state")
+    return lambda node_configs: InProcessGrid(app, [{"state-dir": state, **nc} for nc in node_configs])

@@ -36,8 +36,9 @@ class InProcessGrid(Grid):
     def __init__(self, client_app, node_configs: list[dict]):
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
         self.app = client_app
+        run_id = uuid4().int >> 65  # every grid is a new Flower run, as every `flwr run` is
         self.contexts = {
-            1000 - 7 * i: Context(run_id=1, node_id=1000 - 7 * i, node_config=dict(nc), state=RecordDict(),
+            1000 - 7 * i: Context(run_id=run_id, node_id=1000 - 7 * i, node_config=dict(nc), state=RecordDict(),
                                   run_config={})
             for i, nc in enumerate(node_configs)
         }

@@ -4,7 +4,6 @@ import pytest
 import torch
 from inprocess import wire
 
-from fedmole.data.tokenize import TrainBatches
 from fedmole.flower import serde
 from fedmole.messages import Instruction, Reply, state_nbytes
 
@@ -62,27 +61,3 @@ def test_instruction_and_reply_round_trip():
 
     with pytest.raises(serde.RecordError, match="no ConfigRecord 'reply'"):
         serde.read_reply(wire(serde.instruction_content(ins, "float32", "")))
-
-
-def test_client_state_survives_the_records_exactly():
-    """Optimizer moments (int keys, tuples, None) and a batch position (128-bit RNG state)."""
-    p = torch.nn.Parameter(torch.randn(3, 2))
-    opt = torch.optim.AdamW([p], lr=0.1)
-    p.sum().backward()
-    opt.step()
-    batches = TrainBatches([([1, 2, 3], [1, 2, 3])] * 5, batch_size=2, seed=7, pad_id=0)
-    batches.next()
-    obj = {"client_id": 1, "store": {"optimizer": opt.state_dict(), "personal": {"w": torch.ones(2)}},
-           "batches": batches.state_dict()}
-
-    from flwr.app import RecordDict
-
-    records = RecordDict()
-    serde.save_client_state(records, obj)
-    back = serde.load_client_state(wire(records))
-    assert back["batches"] == obj["batches"]
-    saved = back["store"]["optimizer"]
-    assert saved["param_groups"] == opt.state_dict()["param_groups"]  # betas stay a tuple, None stays None
-    assert set(saved["state"]) == {0} and all(torch.equal(saved["state"][0][k], v)
-                                             for k, v in opt.state_dict()["state"][0].items())
-    assert serde.load_client_state(RecordDict()) is None

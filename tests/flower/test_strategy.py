@@ -12,7 +12,8 @@ from fedmole.algorithms.flame import Flame
 from fedmole.engine.local import run_local
 from fedmole.flower import serde
 from fedmole.flower.server_app import serve
-from fedmole.flower.strategy import discover_nodes
+from fedmole.flower.simulation import actor_cpus
+from fedmole.flower.strategy import describe_clients, discover_nodes
 
 
 def _rows(path):
@@ -31,6 +32,40 @@ def test_nodes_serve_the_client_named_by_their_partition_id(grid_factory):
         discover_nodes(grid_factory([{"partition-id": 0}, {"partition-id": 1}, {"partition-id": 1}]), 3, wait_s=1)
     with pytest.raises(RuntimeError, match="only 2 of the 3 nodes"):
         discover_nodes(grid_factory([{}, {}]), 3, wait_s=0.3)
+
+
+def test_start_up_queries_go_a_wave_at_a_time_each_with_its_own_deadline(grid_factory, cfg_factory):
+    grid = grid_factory([{"partition-id": 2}, {"partition-id": 0}, {"partition-id": 1}])
+    asked = []
+    send = grid.send_and_receive
+    grid.send_and_receive = lambda messages, *, timeout=None: (asked.append((len(messages), timeout))
+                                                               or send(messages, timeout=timeout))
+    nodes = discover_nodes(grid, 3, wait_s=5, wave=2)
+    assert sorted(nodes) == [0, 1, 2] and asked == [(2, 5), (1, 5)]
+    asked.clear()
+    infos = describe_clients(grid, {c: n for c, (n, _) in nodes.items()}, serde.config_to_text(cfg_factory()),
+                             wait_s=7, wave=2)
+    assert sorted(infos) == [0, 1, 2] and all(i.test == 4 for i in infos.values()) and asked == [(2, 7), (1, 7)]
+
+    # a node whose first answer comes too late (its ClientApp still starting) is asked once more
+    slow_nodes = set(sorted(grid.contexts)[::2])  # two of the three, one in each wave
+
+    def late_once(messages, *, timeout=None):
+        asked.append(len(messages))
+        replies = send(messages, timeout=timeout)
+        kept = [r for r in replies if r.metadata.src_node_id not in slow_nodes]
+        slow_nodes.difference_update(r.metadata.src_node_id for r in replies)
+        return kept
+
+    asked.clear()
+    grid.send_and_receive = late_once
+    assert discover_nodes(grid, 3, wait_s=5, wave=2) == nodes and asked == [2, 1, 2]
+
+
+def test_a_simulation_actor_claims_its_torch_threads(cfg_factory):
+    assert actor_cpus(cfg_factory("run.threads=1"), 16) == 1  # 16 clients side by side
+    assert actor_cpus(cfg_factory("run.threads=0"), 16) == 16  # one at a time, every core
+    assert actor_cpus(cfg_factory("run.threads=32"), 16) == 16
 
 
 def test_failing_and_nan_nodes_are_rejected_with_their_reason(grid_factory, cfg_factory, tmp_path, monkeypatch):
@@ -92,6 +127,36 @@ def test_every_method_matches_the_local_engine_over_flower_messages(method, grid
     local_bytes, flower_bytes = ([(r["comm_bytes_down"], r["comm_bytes_up"]) for r in _rows(tmp_path / e)[1:]]
                                  for e in ("local", "flower"))
     assert flower_bytes == local_bytes  # each node was sent what the local engine hands its client
+
+
+def test_a_node_keeps_its_clients_state_in_files_not_in_its_context(grid_factory, cfg_factory, tmp_path):
+    """Local-only training: each client's personal adapter must survive from round 1 to round 2 and
+    to evaluation, at rest under the node's state folder; the node's context stays empty."""
+    grid = grid_factory([{}, {}, {}])
+    local = run_local(cfg_factory("method=local", "rounds=2"), tmp_path / "local")
+    flower = serve(grid, cfg_factory("method=local", "rounds=2"), tmp_path / "flower")
+    assert flower["metrics"] == local["metrics"] and flower["per_client"] == local["per_client"]
+    assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
+    records = sorted(p.name for p in (tmp_path / "node-state").glob("run-*/node-*/client-*/records/*.json"))
+    assert records == ["c000000-r00002.json", "c000001-r00002.json", "c000002-r00002.json"]  # the newest only
+
+
+def test_evaluation_asks_the_nodes_in_waves_of_a_rounds_size(grid_factory, cfg_factory, tmp_path):
+    """Every evaluation message carries the model: a population is asked a round's worth at a time."""
+    from flwr.app import MessageType
+
+    grid = grid_factory([{}, {}, {}])
+    send, waves = grid.send_and_receive, []
+
+    def counted(messages, *, timeout=None):
+        if messages and messages[0].metadata.message_type == MessageType.EVALUATE:
+            waves.append(len(messages))
+        return send(messages, timeout=timeout)
+
+    grid.send_and_receive = counted
+    summary = serve(grid, cfg_factory("rounds=1", "fed.sample_fraction=0.67"), tmp_path)
+    assert waves == [2, 1, 2, 1]  # before training and after round 1: two clients, then the third
+    assert len(summary["per_client"]) == 3 and not summary["evaluation_missing"]
 
 
 def test_a_node_that_went_away_keeps_its_reason_and_a_partial_evaluation_is_marked(grid_factory, cfg_factory,

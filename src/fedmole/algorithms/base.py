@@ -8,6 +8,7 @@ the previous state). Engines only move `Instruction`s and `Reply`s.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -26,11 +27,11 @@ class ClientRuntime:
     client_id: int
     tier: int
     data: ClientData
-    batches: object  # fedmole.data.tokenize.TrainBatches
+    batches: object  # fedmole.data.tokenize.TrainBatches (None when opened for evaluation only)
     adapter: MoLEAdapter
     trainer: LocalTrainer
     aux_batches: list = field(default_factory=list)  # padded batches of the aux split (no-grad passes)
-    store: dict = field(default_factory=dict)  # persistent client state (optimizer, personal tensors)
+    store: dict = field(default_factory=dict)  # state kept between rounds, at rest (engine/client_state.py)
 
 
 class Method:
@@ -71,6 +72,8 @@ class Method:
     # `fed.robust = "trimmed_mean"` applies (they get `trim`, set by the engine's setup)
     robust_averaging: ClassVar[bool] = False
     trim: float = 0.0
+    # why train.optimizer_state = "keep" does not apply to this method ("": it does)
+    keep_optimizer_refused: ClassVar[str] = ""
 
     @classmethod
     def build_adapter(
@@ -125,8 +128,9 @@ class Method:
         """The example count each client's reply may claim, from the clients' training-set sizes."""
         return dict(train_sizes)
 
-    def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
-        """Called once with every client's runtime (only the centralised reference uses it)."""
+    def attach_clients(self, runtimes: Iterable[ClientRuntime]) -> None:
+        """Called once with every client's runtime in client order, each built as the iteration
+        reaches it (only the centralised reference consumes them)."""
 
     def final_state(self, global_state: State) -> State:
         """The tensors that make up the trained model (saved as adapter.safetensors and hashed)."""
@@ -201,7 +205,9 @@ class Method:
 
     def eval_view(self, rt: ClientRuntime, global_state: State, tier: int | None = None) -> int:
         """Load the weights this client is evaluated with at `tier` (default: its own); return the k
-        to route with. `global_state` is what `final_state` makes of the global state."""
+        to route with. `global_state` is what `final_state` makes of the global state. Under the global
+        protocol the weights may depend only on `global_state` and the tier, not on the client: the
+        engine scores many clients with one view."""
         return self.load_view(rt, self.evaluated_state(rt, global_state, tier), tier)
 
     def eval_tiers(self, rt: ClientRuntime, tiers: list[int]) -> list[int]:

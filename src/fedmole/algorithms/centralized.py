@@ -8,15 +8,17 @@ federated methods: train.local_steps * (clients selected). It is evaluated
 at full rank on every client's test split; both protocols evaluate that one
 pooled model (the data centre's model after its training is the global state).
 
-The pooled data and its optimizer live with the method (the "data centre"),
-so the engine must hand it every client's runtime once (`attach_clients`);
-each round one instruction, addressed to the first selected client, carries
-the model in and out, so the round loop is unchanged.
+The pooled data (and its optimizer moments, with train.optimizer_state = keep)
+live with the method (the "data centre"), so the engine must hand it every
+client's runtime once (`attach_clients`); each round one instruction, addressed
+to the first selected client, carries the model in and out, so the round loop
+is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedmole.algorithms.aggregate import State
@@ -55,10 +57,13 @@ class Centralized(LoRAMethod):
         self.pool: TrainBatches | None = None
         self.center: dict = {}  # the data centre's optimizer state
 
-    def attach_clients(self, runtimes: list[ClientRuntime]) -> None:
-        """Pool every client's encoded training examples (called once by the engine's setup)."""
-        items = [item for rt in sorted(runtimes, key=lambda rt: rt.client_id) for item in rt.batches.items]
-        first = runtimes[0].batches
+    def attach_clients(self, runtimes: Iterable[ClientRuntime]) -> None:
+        """Pool every client's encoded training examples, in client order (called once by the
+        engine's setup)."""
+        items, first = [], None
+        for rt in runtimes:
+            items += rt.batches.items
+            first = first or rt.batches
         self.pool = TrainBatches(items, batch_size=first.batch_size, seed=self.seed * 1000 + POOL_SEED,
                                  pad_id=first.pad_id)
 

@@ -191,6 +191,8 @@ class FedAMoLE(Method):
     def ignored_reason(cls, key: str, moe: bool) -> str:
         return "FedAMoLE's experts, router and shared expert are set in [fedamole] (pool_size, top_k, shared_expert)"
     cross_tier_eval = False  # every client routes top_k of its own experts, whatever its tier
+    keep_optimizer_refused = ("a client holds other pool experts from round to round (the assignment changes), "
+                              "so its held slots' moments would describe other experts")
 
     @classmethod
     def build_adapter(cls, model: torch.nn.Module, adapter_cfg, seed: int, tiers: list[int],

@@ -95,7 +95,8 @@ class FlexLoRA(LoRAMethod):
 
     name = "flexlora"
     Options = FlexLoRAOptions
-    fresh_optimizer = True
+    keep_optimizer_refused = ("every round re-factorises the adapter by SVD, so last round's moments describe "
+                              "other coordinates")
 
     def __init__(self, options, adapter, tiers, seed):
         super().__init__(options, adapter, tiers, seed)

@@ -94,7 +94,8 @@ class FLoRA(LoRAMethod):
 
     name = "flora"
     Options = FLoRAOptions
-    fresh_optimizer = True
+    keep_optimizer_refused = ("every round starts a fresh LoRA on a newly merged base, so last round's moments "
+                              "describe tensors that no longer exist")
 
     def __init__(self, options, adapter: LoRAAdapter, tiers: list[int], seed: int):
         super().__init__(options, adapter, tiers, seed)

@@ -1,10 +1,11 @@
 """Local-only training: the no-federation lower reference (spec 2.3).
 
 Each client trains a plain LoRA of its tier's rank (adapter.rank * k) on its
-own data, keeps it (with its optimizer) across rounds and is evaluated with
-it: its only protocol is the personalised one. Nothing is uploaded. The server
-sends each client the common initial adapter once (the starting point every
-method shares) and otherwise nothing; the global state stays that initial adapter.
+own data, keeps it across rounds (and its optimizer moments with
+train.optimizer_state = keep) and is evaluated with it: its only protocol is
+the personalised one. Nothing is uploaded. The server sends each client the
+common initial adapter once (the starting point every method shares) and
+otherwise nothing; the global state stays that initial adapter.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ so both the communication and the reply checks depend on the client's rank.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
 
@@ -24,9 +23,6 @@ from fedmole.messages import Instruction, Reply, State
 class LoRAMethod(Method):
     """Base of the LoRA methods: rank-r_k views down and up, default FedAvg-style client step."""
 
-    # FlexLoRA and FLoRA re-factorise (or restart) the adapter every round, so Adam moments from
-    # the previous round describe other coordinates; the others keep them, as FLAME does.
-    fresh_optimizer: ClassVar[bool] = False
     ADAPTER_OPTIONS = {"dense": frozenset({"num_experts", "rank", "alpha", "dropout", "targets"}), "moe": frozenset({"rank", "alpha", "dropout"})}
 
     @classmethod
@@ -100,7 +96,7 @@ class LoRAMethod(Method):
         """Load `start`, train round `rnd` at the tier's rank, return (trained rank-r view, mean loss)."""
         rt.adapter.load_state_dict(start)
         if store is None:
-            store = {} if self.fresh_optimizer else rt.store
+            store = rt.store
         loss = rt.trainer.train(rt.adapter, rt.batches, k=tier, store=store, rnd=rnd)
         return truncate_lora(rt.adapter.state_dict(), rt.adapter.rank_of(tier)), loss
 

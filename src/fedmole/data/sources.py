@@ -122,16 +122,17 @@ def select_tasks(examples: list[Example], tasks: list[str] | None, max_per_task:
     if max_per_task is None:
         return [ex for group in by_task.values() for ex in group]
     kept = {t: _sample(group, max_per_task, seed, t) for t, group in by_task.items()}
-    log_cap(by_task, kept, max_per_task)
+    log_cap({t: len(rows) for t, rows in by_task.items()}, kept, max_per_task)
     return [ex for group in kept.values() for ex in group]
 
 
-def log_cap(before: dict[str, list], after: dict[str, list], max_per_task: int) -> None:
-    """One line saying how many rows `max_per_task` dropped, in how many tasks (nothing when none)."""
-    dropped = sum(len(before[t]) - len(after[t]) for t in after)
+def log_cap(before: dict[str, int], after: dict[str, list], max_per_task: int) -> None:
+    """One line saying how many rows `max_per_task` dropped, in how many tasks (nothing when none);
+    `before`: each task's row count before the cap."""
+    dropped = sum(before[t] - len(after[t]) for t in after)
     if dropped:
-        capped = sum(len(before[t]) > len(after[t]) for t in after)
-        total = sum(len(before[t]) for t in after)
+        capped = sum(before[t] > len(after[t]) for t in after)
+        total = sum(before[t] for t in after)
         log.info("data.max_per_task = %d keeps %d of %d rows (%d dropped, in %d of %d tasks)",
                  max_per_task, total - dropped, total, dropped, capped, len(after))
 
@@ -172,13 +173,14 @@ def _load_natural_instructions(tasks: list[str] | None, max_per_task: int | None
     index = json.loads((root / "index.json").read_text())
     if tasks is not None:
         _check_known(tasks, list(index))
-    before: dict[str, list[Example]] = {}
+    sizes: dict[str, int] = {}
     kept: dict[str, list[Example]] = {}
-    for task in tasks if tasks is not None else list(index):
-        before[task] = with_closed_options(read_file(root / f"{task}.jsonl"))  # before sampling: the whole task decides
-        kept[task] = before[task] if max_per_task is None else _sample(before[task], max_per_task, seed, task)
+    for task in tasks if tasks is not None else list(index):  # one whole task in memory at a time
+        rows = with_closed_options(read_file(root / f"{task}.jsonl"))  # before sampling: the whole task decides
+        sizes[task] = len(rows)
+        kept[task] = rows if max_per_task is None else _sample(rows, max_per_task, seed, task)
     if max_per_task is not None:
-        log_cap(before, kept, max_per_task)
+        log_cap(sizes, kept, max_per_task)
     return [ex for rows in kept.values() for ex in rows]
 
 

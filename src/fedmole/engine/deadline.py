@@ -85,7 +85,7 @@ def _shared_items(batches) -> dict:
 
 
 def replace_adapter(setup) -> None:
-    """Give `setup` (and every client runtime) a fresh copy of its adapter and stop the old one.
+    """Give `setup` a fresh copy of its adapter (for every client opened later) and stop the old one.
 
     The old layers are armed first, so the abandoned update starts no new adapter forward
     (its next one raises `Abandoned`). The copy shares every tensor outside the adapted
@@ -110,9 +110,7 @@ def replace_adapter(setup) -> None:
             time.sleep(0.05)
     for p in new.parameters():
         p.grad = None
-    setup.adapter, setup.model = new, new.model
-    for rt in setup.runtimes:
-        rt.adapter = new
+    setup.adapter, setup.model = new, new.model  # runtimes opened from now on take it up
     log.warning("a client update was abandoned past its deadline; later clients use a fresh copy of the adapter")
 
 

@@ -19,22 +19,64 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from statistics import fmean, median
 
 from fedmole.algorithms.base import ClientRuntime
 from fedmole.console import bars_enabled
-from fedmole.evaluation.predict import METRICS, mean_scores
+from fedmole.evaluation.predict import METRICS, mean_scores, predict
 from fedmole.messages import State, state_sha256
 
 log = logging.getLogger("fedmole")
 
 PREDICTIONS = "predictions.jsonl"
+# prompts scored at once by evaluate_clients, in eval.batch_size batches: enough to fill the
+# batches across many small clients, few enough that the prompts held stay small
+CHUNK_BATCHES = 32
 
 
 def tiers_to_evaluate(setup) -> list[int] | None:
     """Every tier in use, largest first, when eval.tiers = all; None (own tier only) otherwise."""
     return sorted(set(setup.tiers), reverse=True) if setup.cfg.eval.tiers == "all" else None
+
+
+def _examples(setup, rt: ClientRuntime) -> list:
+    e = setup.cfg.eval
+    examples = rt.data.test if e.split == "test" else rt.data.val
+    if not examples:
+        raise ValueError(f"client {rt.data.name} has no {e.split} examples to evaluate (data.max_test, "
+                         "data.test_frac / data.val_frac and the client's size decide how many it gets)")
+    return examples
+
+
+def _labels(setup, rt: ClientRuntime, tiers: list[int] | None) -> list[int]:
+    return [rt.tier] if tiers is None else setup.method.eval_tiers(rt, tiers)
+
+
+def _predict(setup, examples: list) -> list[dict]:
+    e = setup.cfg.eval
+    return predict(setup.model, setup.tokenizer, examples, setup.encode_prompt, max_new_tokens=e.max_new_tokens,
+                   batch_size=e.batch_size, autocast_dtype=setup.autocast,
+                   progress=bars_enabled(setup.cfg.run.progress))
+
+
+def _result(rt: ClientRuntime, k_of: dict[int, int], scored: dict[int, list[dict]], tiers: list[int] | None
+            ) -> dict:
+    """evaluate_client's result from the records `scored[tier]` of each tier the client was scored at."""
+    by_tier, records = {}, []
+    for tier, recs in scored.items():
+        by_tier[tier] = mean_scores(recs)
+        log.debug("evaluated client %d at k=%d: %s over %d examples", rt.client_id, k_of[tier],
+                  ", ".join(f"{m} {by_tier[tier][m]:.2f}" for m in METRICS if m in by_tier[tier]), len(recs))
+        records += [{"client": rt.client_id, "client_name": rt.data.name, "client_tier": rt.tier, "tier": tier,
+                     **r} for r in recs]
+    own = by_tier.get(rt.tier) or next(iter(by_tier.values()))
+    result = {"client_id": rt.client_id, "tier": rt.tier, **own}
+    if tiers is not None:
+        result["by_tier"] = {str(t): s for t, s in by_tier.items()}
+    result["records"] = records
+    return result
 
 
 def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[int] | None = None) -> dict:
@@ -46,34 +88,61 @@ def evaluate_client(setup, rt: ClientRuntime, global_state: State, tiers: list[i
     the per-example records (see the module docstring). Under the personalised protocol,
     `state_sha256` fingerprints the client's own model that was scored.
     """
-    from fedmole.evaluation.predict import predict
-
-    e = setup.cfg.eval
-    examples = rt.data.test if e.split == "test" else rt.data.val
-    if not examples:
-        raise ValueError(f"client {rt.data.name} has no {e.split} examples to evaluate (data.max_test, "
-                         "data.test_frac / data.val_frac and the client's size decide how many it gets)")
-    labels = [rt.tier] if tiers is None else setup.method.eval_tiers(rt, tiers)
-    by_tier, records = {}, []
-    for tier in labels:
-        k = setup.method.eval_view(rt, global_state, tier)
-        with setup.adapter.route(k):
-            scored = predict(setup.model, setup.tokenizer, examples, setup.encode_prompt,
-                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                             autocast_dtype=setup.autocast, progress=bars_enabled(setup.cfg.run.progress))
-        by_tier[tier] = mean_scores(scored)
-        log.debug("evaluated client %d at k=%d: %s over %d examples", rt.client_id, k,
-                  ", ".join(f"{m} {by_tier[tier][m]:.2f}" for m in METRICS if m in by_tier[tier]), len(scored))
-        records += [{"client": rt.client_id, "client_name": rt.data.name, "client_tier": rt.tier, "tier": tier,
-                     **r} for r in scored]
-    own = by_tier.get(rt.tier) or by_tier[labels[0]]
-    result = {"client_id": rt.client_id, "tier": rt.tier, **own}
+    examples = _examples(setup, rt)
+    k_of, scored = {}, {}
+    for tier in _labels(setup, rt, tiers):
+        k_of[tier] = setup.method.eval_view(rt, global_state, tier)
+        with setup.adapter.route(k_of[tier]):
+            scored[tier] = _predict(setup, examples)
+    result = _result(rt, k_of, scored, tiers)
     if setup.method.protocol == "personalized":  # which of the clients' own models was scored
         result["state_sha256"] = state_sha256(setup.method.evaluated_state(rt, global_state))
-    if tiers is not None:
-        result["by_tier"] = {str(t): s for t, s in by_tier.items()}
-    result["records"] = records
     return result
+
+
+def evaluate_clients(setup, runtimes: Iterable[ClientRuntime], global_state: State,
+                     tiers: list[int] | None = None) -> Iterator[dict]:
+    """`evaluate_client`'s result for each runtime, in their order.
+
+    Under the personalised protocol each client is scored with its own model, one client at a
+    time. Under the global protocol every client gets the same weights at a tier
+    (`Method.eval_view`), so the clients are scored together: runtimes are taken until they
+    hold `CHUNK_BATCHES` batches of examples (eval.batch_size each), and each tier's examples
+    of all of them are predicted in one call, then split back per client. The work thus follows the examples, not the
+    clients, while the prompts held at once stay bounded.
+    """
+    if setup.method.protocol == "personalized":
+        for rt in runtimes:
+            yield evaluate_client(setup, rt, global_state, tiers)
+        return
+    chunk, held, bound = [], 0, CHUNK_BATCHES * setup.cfg.eval.batch_size
+    for rt in runtimes:
+        chunk.append((rt, _examples(setup, rt)))
+        held += len(chunk[-1][1])
+        if held >= bound:
+            yield from _evaluate_together(setup, chunk, global_state, tiers)
+            chunk, held = [], 0
+    if chunk:
+        yield from _evaluate_together(setup, chunk, global_state, tiers)
+
+
+def _evaluate_together(setup, chunk: list[tuple[ClientRuntime, list]], global_state: State,
+                       tiers: list[int] | None) -> list[dict]:
+    """The results of (runtime, its examples) pairs scored together: one prediction per tier."""
+    labels = [_labels(setup, rt, tiers) for rt, _ in chunk]
+    k_of: dict[int, int] = {}
+    scored: list[dict[int, list[dict]]] = [{} for _ in chunk]
+    for tier in dict.fromkeys(t for ls in labels for t in ls):  # every tier, in first-seen order
+        members = [i for i, ls in enumerate(labels) if tier in ls]
+        k_of[tier] = setup.method.eval_view(chunk[members[0]][0], global_state, tier)
+        with setup.adapter.route(k_of[tier]):
+            records = _predict(setup, [ex for i in members for ex in chunk[i][1]])
+        start = 0
+        for i in members:
+            scored[i][tier] = records[start : start + len(chunk[i][1])]
+            start += len(chunk[i][1])
+    # each client's tiers in its own label order, as evaluate_client writes them
+    return [_result(rt, k_of, {t: scored[i][t] for t in labels[i]}, tiers) for i, (rt, _) in enumerate(chunk)]
 
 
 def headline(scores: dict) -> dict:

@@ -1,9 +1,10 @@
 """Local engine: every simulated client in one process, sharing one frozen base model.
 
 The round loop is written out once in `LocalEngine.run`: select, configure,
-train, validate, aggregate, evaluate, checkpoint. Client-side state
-(optimizer moments, personal tensors) lives in each client's runtime store
-and is swapped in with the client.
+train, validate, aggregate, evaluate, checkpoint. A client's runtime is built
+when it trains or is evaluated and dropped after (engine/clients.py); what it
+keeps between rounds (personal tensors, optimizer moments when kept, its batch
+position) lives at rest in RUN_DIR/client_state/ (engine/client_state.py).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from fedmole.algorithms import robust
 from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
 from fedmole.config import Config
 from fedmole.console import bars_enabled, round_line
+from fedmole.engine.client_state import RunClientStates
+from fedmole.engine.clients import ClientPool, clients_per_round
 from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.evaluation import (
     compute_summary,
     evaluate_client,
+    evaluate_clients,
     headline,
     summarise,
     tiers_to_evaluate,
@@ -64,6 +68,8 @@ class LocalEngine:
         self.out = RunDir(run_dir)
         self.setup = self.make_setup(cfg)
         self.method = self.setup.method
+        self.states = RunClientStates(self.out.path)
+        self.pool = ClientPool(self.setup, self.states)
         self.progress = bars_enabled(cfg.run.progress)
         self.clients = self.client_infos()  # client id -> name, training and test example counts
         self.limits = Limits.from_config(
@@ -88,12 +94,11 @@ class LocalEngine:
             global_state = self.method.initial_state(self.setup.adapter)
             before = None
             self.rows = []
-            if cfg.eval.before:
-                before = self.evaluate(global_state, rnd=0)
-                before.pop("records", None)
-                self.rows.append({"round": 0, **headline(before), "seconds": 0.0})
-                tracker.log({"round": 0, **headline(before)})
-                log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in headline(before).items()))
+            if cfg.eval.before:  # its means only: every checkpoint carries them (per client: the population)
+                before = headline(self.evaluate(global_state, rnd=0))
+                self.rows.append({"round": 0, **before, "seconds": 0.0})
+                tracker.log({"round": 0, **before})
+                log.info("before training: %s", ", ".join(f"{k} {v:.2f}" for k, v in before.items()))
             out.write_metrics(self.rows)  # starting over replaces what an earlier attempt wrote
             first, comm, spent = 1, {"up": 0, "down": 0}, 0.0
         loop_started = time.perf_counter()
@@ -154,7 +159,8 @@ class LocalEngine:
         out.save_adapter(trained)
         evaluated_sha = state_sha256(trained)
         if self.method.protocol == "personalized":  # what was evaluated: each client's own model
-            save_client_states(out.path, self.setup, trained, final["per_client"])
+            opened = (self.pool.open(c, train=False) for c in sorted(self.setup.client_data))
+            save_client_states(out.path, self.method, opened, trained, final["per_client"])
             evaluated_sha = evaluated_sha256(final["per_client"])
         summary = {
             "method": cfg.run.method,
@@ -185,14 +191,16 @@ class LocalEngine:
 
     # -- checkpoints -------------------------------------------------------------
     def checkpoint(self, rnd: int, global_state: State, before: dict, comm: dict, seconds: float) -> None:
-        """Save round `rnd`: global and server state, client state, and every metric row so far."""
+        """Save round `rnd`: global and server state, which client state files are current, and every
+        metric row so far; then delete the client state no kept checkpoint names."""
         meta = {"seed": self.cfg.run.seed, "method": self.cfg.run.method, "engine": self.name, "before": before,
                 "comm": comm, "seconds": seconds, "rows": self.rows, "norm_reference": self.norm_reference}
         self.out.checkpoint(rnd, global_state, self.method.state_dict(), self.client_states(), meta)
+        self.states.prune(self.out.checkpoint_rounds()[0])
 
     def client_states(self) -> dict:
-        """What each client keeps between rounds (optimizer, personal tensors, batch position)."""
-        return {rt.client_id: {"store": rt.store, "batches": rt.batches.state_dict()} for rt in self.setup.runtimes}
+        """Which version of each client's state (at rest in RUN_DIR/client_state/) this round ends with."""
+        return self.states.manifest()
 
     def restore(self) -> tuple[int, State, dict, dict, float] | None:
         """Load the newest good checkpoint into the method and clients; None if there is none."""
@@ -205,17 +213,13 @@ class LocalEngine:
         if meta.get("method") != self.cfg.run.method or meta.get("seed") != self.cfg.run.seed:
             raise ResumeError(f"checkpoint {ckpt['path']} belongs to method {meta.get('method')!r} "
                               f"seed {meta.get('seed')}, not this run's config")
-        if "rows" not in meta:
-            raise ResumeError(f"checkpoint {ckpt['path']} holds no metric rows (written by an older fedmole); "
-                              "start a new run")
+        if "rows" not in meta or ckpt["clients"] is None:
+            raise ResumeError(f"checkpoint {ckpt['path']} holds no metric rows or keeps its clients' state inside "
+                              "it (written by an older fedmole); start a new run")
         self.setup.adapter.load_state_dict(ckpt["global_state"])  # also checks keys and shapes
         self.method.load_state_dict(ckpt["server"])
-        for rt in self.setup.runtimes:
-            saved = ckpt["clients"][rt.client_id]
-            rt.store.clear()
-            rt.store.update(saved["store"])
-            rt.batches.load_state_dict(saved["batches"])
         rnd = int(meta["round"])
+        self.states.restore(ckpt["clients"], rnd)
         self.rows = list(meta["rows"])
         self.out.write_metrics(self.rows)
         self.norm_reference = meta.get("norm_reference")
@@ -223,9 +227,12 @@ class LocalEngine:
         return rnd + 1, ckpt["global_state"], meta["before"], dict(meta["comm"]), float(meta["seconds"])
 
     # -- steps -----------------------------------------------------------------
+    def per_round(self) -> int:
+        """Clients selected per round: fed.sample_fraction of data.num_clients, at least fed.min_clients."""
+        return clients_per_round(self.cfg)
+
     def select(self, rnd: int, attempt: int = 0) -> list[int]:
-        n = self.cfg.data.num_clients
-        m = min(n, max(self.cfg.fed.min_clients, round(self.cfg.fed.sample_fraction * n)))
+        n, m = self.cfg.data.num_clients, self.per_round()
         if m == n:
             return list(range(n))
         rng = np.random.default_rng([self.cfg.run.seed, rnd, attempt])
@@ -238,7 +245,7 @@ class LocalEngine:
         bar = tqdm(instructions, desc=f"round {rnd}/{self.cfg.run.rounds}", unit="client",
                    disable=not self.progress, leave=False)
         for instruction in bar:
-            rt = self.setup.runtimes[instruction.client_id]
+            rt = self.pool.open(instruction.client_id)  # built now, dropped after this client's turn
             torch.manual_seed(client_seed(self.cfg.run.seed, rnd, rt.client_id))
             t0 = time.perf_counter()
             try:  # held by the wall clock: a client past fed.client_timeout is abandoned (engine/deadline.py)
@@ -253,6 +260,7 @@ class LocalEngine:
                 failures[rt.client_id] = f"exception: {e!r}"
                 continue
             self.client_seconds[rt.client_id] = round(time.perf_counter() - t0, 3)
+            self.pool.keep(rt, rnd)
             log.debug("round %d: client %d (k=%d) trained in %.2f s", rnd, rt.client_id, rt.tier,
                       self.client_seconds[rt.client_id])
             replies[rt.client_id] = reply
@@ -302,16 +310,23 @@ class LocalEngine:
 
     def evaluate(self, global_state: State, rnd: int) -> dict:
         """Score every client's eval split at its tier's k (every tier's, with eval.tiers = all);
-        per client, per tier, mean, and the per-example `records`."""
+        per client, per tier, mean, and the per-example `records`. Clients are opened as they are
+        scored; under the global protocol many clients' examples are scored in one batch
+        (`evaluate_clients`)."""
         per_client, records = {}, []
         tiers = tiers_to_evaluate(self.setup)
         state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
-        bar = tqdm(self.setup.runtimes, desc=f"evaluate (round {rnd})", unit="client",
+        bar = tqdm(total=len(self.setup.client_data), desc=f"evaluate (round {rnd})", unit="client",
                    disable=not self.progress, leave=False)
-        for rt in bar:
-            result = evaluate_client(self.setup, rt, state, tiers)
+        # the global model's view needs no client's kept state: loading it for a whole batch of
+        # clients would hold their stores (optimizer moments, when kept) in memory at once
+        open_client = self.pool.open if self.method.protocol == "personalized" else self.setup.runtime
+        opened = (open_client(c, train=False) for c in sorted(self.setup.client_data))
+        for result in evaluate_clients(self.setup, opened, state, tiers):
             records += result.pop("records")
-            per_client[rt.data.name] = result
+            per_client[self.setup.client_data[result["client_id"]].name] = result
+            bar.update()
+        bar.close()
         return {**summarise(per_client), "records": records}
 
     def tier_flops(self) -> dict[str, float]:
@@ -329,8 +344,7 @@ class LocalEngine:
 
     def client_infos(self) -> dict[int, ClientInfo]:
         """What the server knows about each client's data (here: the clients themselves)."""
-        return {rt.client_id: ClientInfo(rt.data.name, len(rt.data.train), len(rt.data.test))
-                for rt in self.setup.runtimes}
+        return {c.client_id: ClientInfo(c.name, len(c.train), len(c.test)) for c in self.setup.clients}
 
     def client_name(self, client_id: int) -> str:
         return self.clients[client_id].name
@@ -350,8 +364,8 @@ def check_resumable(run_dir: str | Path, meta: dict | None = None) -> None:
     engine = (RunDir(run_dir).newest_meta() if meta is None else meta).get("engine", "local")
     if engine != "local":
         raise ResumeError(
-            f"{run_dir} was run on the {engine} engine: its clients' optimizer state and batch positions lived "
-            "on the Flower nodes and ended with the run, and its checkpoints hold only the server's half (global "
+            f"{run_dir} was run on the {engine} engine: its clients' state and batch positions lived on the "
+            "Flower nodes, not versioned with the checkpoints, which hold only the server's half (global "
             "adapter, method state, metric rows); start a new run")
 
 

@@ -17,12 +17,13 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fedmole.algorithms.base import ClientRuntime
 from fedmole.messages import State, state_sha256
 
 log = logging.getLogger("fedmole")
@@ -52,12 +53,14 @@ def evaluated_sha256(per_client: Mapping[str, dict]) -> str:
     return joint_sha256({int(m["client_id"]): m["state_sha256"] for m in per_client.values()})
 
 
-def save_client_states(run_dir: str | Path, setup, global_state: State, per_client: Mapping[str, dict]) -> list[Path]:
-    """Write each client's evaluated state whose fingerprint matches what its evaluation reported."""
+def save_client_states(run_dir: str | Path, method, runtimes: Iterable[ClientRuntime], global_state: State,
+                       per_client: Mapping[str, dict]) -> list[Path]:
+    """Write each client's evaluated state (`method.evaluated_state`) whose fingerprint matches what its
+    evaluation reported; `runtimes` hold the clients' kept state and may be opened one at a time."""
     written, elsewhere = [], []
-    for rt in setup.runtimes:
+    for rt in runtimes:
         result = per_client.get(rt.data.name) or {}
-        state = setup.method.evaluated_state(rt, global_state)
+        state = method.evaluated_state(rt, global_state)
         sha = state_sha256(state)
         if sha != result.get("state_sha256"):
             elsewhere.append(rt.client_id)

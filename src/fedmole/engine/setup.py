@@ -1,10 +1,13 @@
 """Build what a run needs from its config: device, precision, base model with
-adapter, client data (partitioned, split, tokenised) and client runtimes."""
+adapter, and client data (partitioned and split); a client's runtime (its data
+tokenised into batches) is built only when it is opened (`Setup.runtime`, see
+engine/clients.py)."""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -21,6 +24,7 @@ from fedmole.data.summary import data_summary
 from fedmole.data.synthetic import synthetic_examples
 from fedmole.data.tokenize import TrainBatches, collate_train, encode_prompt, encode_train
 from fedmole.data.types import ClientData, Example
+from fedmole.engine.clients import clients_per_round
 from fedmole.models import load_base
 from fedmole.training import LocalTrainer
 
@@ -127,10 +131,11 @@ def load_clients(cfg: Config, tiers: list[int], clients: list[ClientData] | None
 
 
 class Setup:
-    """The frozen base model with its adapter, the clients and the method of one run.
+    """The frozen base model with its adapter, the clients' data and the method of one run.
 
     clients: the clients this process serves (default: every client, built from cfg.data);
-    a Flower server passes none (it never loads client data), a site its own one.
+    a Flower server passes none (it never loads client data), a site its own one. No client
+    is tokenised here: `runtime` builds one when it is needed.
     """
 
     def __init__(self, cfg: Config, clients: list[ClientData] | None = None):
@@ -143,6 +148,9 @@ class Setup:
         self.tiers = assign_tiers(cfg)
         # data errors surface before the model loads
         self.clients, self.data_summary = load_clients(cfg, self.tiers, clients)
+        self.client_data = {c.client_id: c for c in self.clients}
+        self._encoded: OrderedDict[int, tuple[list, list]] = OrderedDict()  # see `encoded`
+        self._encoded_kept = clients_per_round(cfg)
         self.model, self.tokenizer = load_base(cfg.model.name, seed=cfg.run.seed)
         if model_kind(cfg.model.name) is None:  # a hub model: only now is it known whether it is sparse
             check_adapter_options(cfg, moe=is_moe_model(self.model))
@@ -160,32 +168,49 @@ class Setup:
             steps=cfg.train.local_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             grad_clip=cfg.train.grad_clip, aux_weight=cfg.adapter.aux_loss_weight,
             device=self.device, autocast_dtype=self.autocast, rescale_lr=cfg.train.rescale_lr,
-            optimizer=cfg.train.optimizer, eps=cfg.train.eps, lr_decay=cfg.train.lr_decay,
+            keep_optimizer=cfg.train.optimizer_state == "keep", optimizer=cfg.train.optimizer, eps=cfg.train.eps,
+            lr_decay=cfg.train.lr_decay,
         )
-        self.runtimes = [self._runtime(c) for c in self.clients]
-        if self.runtimes:
-            self.method.attach_clients(self.runtimes)
+        if self.clients:  # built one at a time, only if the method consumes them
+            self.method.attach_clients(self.runtime(c.client_id) for c in self.clients)
 
-    def _runtime(self, client: ClientData) -> ClientRuntime:
-        d = self.cfg.data
-        items = [
-            encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
-                         use_chat_template=d.chat_template)
-            for ex in client.train
-        ]
-        batches = TrainBatches(
-            items, batch_size=self.cfg.train.batch_size, seed=self.cfg.run.seed * 1000 + client.client_id,
-            pad_id=self.tokenizer.pad_token_id,
-        )
-        aux = [
-            encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
-                         use_chat_template=d.chat_template)
-            for ex in client.aux
-        ]
-        bs = self.cfg.train.batch_size
-        aux_batches = [collate_train(aux[i : i + bs], self.tokenizer.pad_token_id) for i in range(0, len(aux), bs)]
-        return ClientRuntime(client.client_id, self.tiers[client.client_id], client, batches, self.adapter,
-                             self.trainer, aux_batches=aux_batches)
+    def runtime(self, client_id: int, train: bool = True) -> ClientRuntime:
+        """A new runtime of client `client_id` with an empty store: its training and aux splits
+        tokenised into batches, or (`train=False`, evaluation) none."""
+        try:
+            client = self.client_data[client_id]
+        except KeyError:
+            raise ValueError(f"this process has no client {client_id} (it serves {sorted(self.client_data)})"
+                             ) from None
+        tier = self.tiers[client_id]
+        if not train:
+            return ClientRuntime(client_id, tier, client, None, self.adapter, self.trainer)
+        items, aux = self.encoded(client_id)
+        bs, pad = self.cfg.train.batch_size, self.tokenizer.pad_token_id
+        batches = TrainBatches(items, batch_size=bs, seed=self.cfg.run.seed * 1000 + client_id, pad_id=pad)
+        aux_batches = [collate_train(aux[i : i + bs], pad) for i in range(0, len(aux), bs)]
+        return ClientRuntime(client_id, tier, client, batches, self.adapter, self.trainer, aux_batches=aux_batches)
+
+    def encoded(self, client_id: int) -> tuple[list, list]:
+        """(training items, aux items) of a client, each item (input_ids, labels) as int32 arrays (T,).
+
+        Tokenised when the client is first opened and kept for the last `clients_per_round`
+        clients opened, so a client sampled round after round is not tokenised again, while
+        memory follows the clients of a round, not the population."""
+        if client_id in self._encoded:
+            self._encoded.move_to_end(client_id)
+            return self._encoded[client_id]
+        d, client = self.cfg.data, self.client_data[client_id]
+
+        def encode(ex: Example) -> tuple[np.ndarray, np.ndarray]:
+            ids, labels = encode_train(self.tokenizer, ex, max_len=d.max_len, max_answer_tokens=d.max_answer_tokens,
+                                       use_chat_template=d.chat_template)
+            return np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32)
+
+        self._encoded[client_id] = [encode(ex) for ex in client.train], [encode(ex) for ex in client.aux]
+        while len(self._encoded) > self._encoded_kept:
+            self._encoded.popitem(last=False)
+        return self._encoded[client_id]
 
     def encode_prompt(self, ex: Example) -> list[int]:
         return encode_prompt(

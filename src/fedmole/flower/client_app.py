@@ -10,12 +10,22 @@ of two places:
   client (the Simulation Engine, the embedded data sets) and serves the one
   it is asked for.
 
-A process builds the `Setup` (base model, adapter, method, its clients) once
-per config and data source and reuses it for every message and every virtual
-node it serves. What a client must remember between rounds (its
-`ClientRuntime.store`: optimizer moments, FedAMoLE's personal experts; and its
-`TrainBatches` position) lives in the node's `context.state`, so a ClientApp
-rebuilt for each message continues exactly where the client stopped.
+A process builds the `Setup` (base model, adapter, method, its clients' data)
+once per config and data source and reuses it for every message and every
+virtual node it serves; a client's runtime is built for one message and dropped
+after it (engine/clients.py). What a client must remember between rounds (its
+`ClientRuntime.store`: personal tensors, optimizer moments when kept, FLoRA's
+merged base; and its `TrainBatches` position) lives at rest in files
+(engine/client_state.py, newest version only) under the node's state folder:
+
+    <state dir>/run-<Flower run id>/node-<node id>/client-<client id>/
+
+where the state dir is the node config's `state-dir`, else $FEDMOLE_NODE_STATE_DIR
+(the Simulation Engine sets it to RUN_DIR/node-state), else
+<system temp dir>/fedmole-node-state. A ClientApp rebuilt for each message, or a
+node process restarted within a run, continues exactly where the client stopped;
+nothing of it stays in memory between messages. The folder of a finished run can
+be deleted.
 
     train      Instruction -> Method.client_update (within fed.client_timeout) -> Reply
     evaluate   global state -> Method.eval_view -> test metrics (evaluate_client)
@@ -25,11 +35,13 @@ rebuilt for each message continues exactly where the client stopped.
 
 from __future__ import annotations
 
-import copy
 import logging
+import os
+import tempfile
 import time
 from collections import OrderedDict
 from functools import partial
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -39,10 +51,13 @@ from fedmole.algorithms import METHODS, Method
 from fedmole.algorithms.base import ClientRuntime, client_seed, timed_update
 from fedmole.data.sites import NODE_KEYS, node_site
 from fedmole.data.types import ClientData
+from fedmole.engine.client_state import NodeClientState
+from fedmole.engine.clients import ClientPool
 from fedmole.engine.deadline import ClientTimeout, run_client
 from fedmole.engine.local import evaluate_client
 from fedmole.engine.setup import Setup, build_client_data
 from fedmole.flower import serde
+from fedmole.flower.simulation import STATE_DIR_ENV
 
 log = logging.getLogger("fedmole")
 if not log.handlers and not logging.getLogger().handlers:  # a ClientApp process configures no logging for us
@@ -53,7 +68,7 @@ if not log.handlers and not logging.getLogger().handlers:  # a ClientApp process
 
 CLIENT_APP_RAISED_EXCEPTION = 2  # flwr.common.constant.ErrorCode
 _KEEP = 1  # setups (and client data sets) kept per process: each setup holds a base model
-_SETUPS: OrderedDict[tuple, tuple[Setup, dict[int, dict]]] = OrderedDict()  # key -> (setup, initial batches)
+_SETUPS: OrderedDict[tuple, Setup] = OrderedDict()
 _DATA: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (config, clients)
 
 app = ClientApp()
@@ -95,38 +110,25 @@ def node_clients(content: RecordDict, context: Context, client_id: int) -> tuple
     return key, cfg, clients
 
 
-def cached_setup(content: RecordDict, context: Context, client_id: int) -> tuple[Setup, dict[int, dict]]:
+def cached_setup(content: RecordDict, context: Context, client_id: int) -> Setup:
     """The Setup for the config and data source of this message, built once per process."""
     key, cfg, clients = node_clients(content, context, client_id)
-
-    def build():
-        setup = Setup(cfg, clients=clients)
-        return setup, {rt.client_id: copy.deepcopy(rt.batches.state_dict()) for rt in setup.runtimes}
-
-    return _remember(_SETUPS, key, build)
+    return _remember(_SETUPS, key, lambda: Setup(cfg, clients=clients))
 
 
-def _runtime(runtimes: list[ClientRuntime], client_id: int) -> ClientRuntime:
-    for rt in runtimes:
-        if rt.client_id == client_id:
-            return rt
-    raise ValueError(f"this node has no client {client_id} (it serves {[rt.client_id for rt in runtimes]})")
+def state_dir(context: Context) -> Path:
+    """This node's folder of client state for this run (see the module docstring)."""
+    root = context.node_config.get("state-dir") or os.environ.get(STATE_DIR_ENV) \
+        or Path(tempfile.gettempdir()) / "fedmole-node-state"
+    return Path(str(root)) / f"run-{context.run_id}" / f"node-{context.node_id}"
 
 
-def restore(content: RecordDict, context: Context, client_id: int) -> tuple[Setup, ClientRuntime]:
-    """This node's client runtime with the state its previous rounds left in `context.state`."""
-    setup, initial = cached_setup(content, context, client_id)
-    rt = _runtime(setup.runtimes, client_id)
-    saved = serde.load_client_state(context.state)
-    if saved is not None and saved["client_id"] != client_id:
-        raise ValueError(f"this node served client {saved['client_id']} before, now asked for client {client_id}")
-    rt.store.clear()
-    if saved is None:
-        rt.batches.load_state_dict(initial[client_id])
-    else:
-        rt.store.update(saved["store"])
-        rt.batches.load_state_dict(saved["batches"])
-    return setup, rt
+def open_client(content: RecordDict, context: Context, client_id: int, train: bool = True
+                ) -> tuple[Setup, ClientPool, ClientRuntime]:
+    """This node's runtime of `client_id`, with the state its previous rounds left at rest."""
+    setup = cached_setup(content, context, client_id)
+    pool = ClientPool(setup, NodeClientState(state_dir(context)))
+    return setup, pool, pool.open(client_id, train=train)
 
 
 def _failed(message: Message, what: str, e: Exception) -> Message:
@@ -139,16 +141,14 @@ def _failed(message: Message, what: str, e: Exception) -> Message:
 def train(message: Message, context: Context) -> Message:
     try:
         instruction, payload_dtype = serde.read_instruction(message.content)
-        setup, rt = restore(message.content, context, instruction.client_id)
+        setup, pool, rt = open_client(message.content, context, instruction.client_id)
         torch.manual_seed(client_seed(setup.cfg.run.seed, instruction.round, rt.client_id))
         t0 = time.perf_counter()
         # the node holds fed.client_timeout on its own update too (engine/deadline.py), so a stuck
         # update does not hold a simulation actor that other virtual nodes are waiting for
         reply = run_client(setup, rt, partial(timed_update, setup.method), instruction, setup.cfg.fed.client_timeout)
         reply.metrics.setdefault("seconds", round(time.perf_counter() - t0, 3))
-        serde.save_client_state(context.state, {
-            "client_id": rt.client_id, "store": rt.store, "batches": rt.batches.state_dict(),
-        })
+        pool.keep(rt, instruction.round)
         return Message(serde.reply_content(reply, payload_dtype), reply_to=message)
     except Exception as e:  # the server logs the reason and the round goes on
         return _failed(message, "train", e)
@@ -158,7 +158,7 @@ def train(message: Message, context: Context) -> Message:
 def evaluate(message: Message, context: Context) -> Message:
     try:
         request = serde.read_evaluate(message.content)
-        setup, rt = restore(message.content, context, request.client_id)
+        setup, _, rt = open_client(message.content, context, request.client_id, train=False)
         result = evaluate_client(setup, rt, request.state)
         return Message(serde.result_content(rt.data.name, result), reply_to=message)
     except Exception as e:

@@ -1,4 +1,4 @@
-"""Instruction / Reply / client state <-> Flower records.
+"""Instruction / Reply / evaluation <-> Flower records.
 
 Every fedmole message travels as a `RecordDict`:
 
@@ -106,67 +106,6 @@ def reply_payload_nbytes(reply: Reply, payload_dtype: str = "float32") -> int:
     counts = sum(c.numel() * c.element_size() for c in reply.expert_counts.values())
     extra = sum(t.numel() * t.element_size() for t in reply.extra.values())
     return payload_nbytes(reply.state, payload_dtype) + extra + counts
-
-
-# -- nested client state (optimizer moments, personal tensors, batch positions) ---------
-
-
-def pack_tree(obj) -> tuple[ConfigRecord, ArrayRecord]:
-    """A nested structure of dicts/lists/tuples, scalars and tensors as (structure, tensors).
-
-    The structure is JSON (exact for Python floats and big ints, keeps int dict keys
-    and tuples); tensors go to an ArrayRecord under their position.
-    """
-    tensors = ArrayRecord()
-
-    def enc(x):
-        if isinstance(x, torch.Tensor):
-            key = str(len(tensors))
-            tensors[key] = tensor_to_array(x)
-            return {"$t": key}
-        if isinstance(x, dict):
-            return {"$d": [[enc(k), enc(v)] for k, v in x.items()]}
-        if isinstance(x, tuple):
-            return {"$tuple": [enc(v) for v in x]}
-        if isinstance(x, list):
-            return [enc(v) for v in x]
-        if isinstance(x, np.generic):
-            return x.item()
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        raise TypeError(f"cannot pack a {type(x).__name__} into Flower records")
-
-    return ConfigRecord({"tree": json.dumps(enc(obj))}), tensors
-
-
-def unpack_tree(structure: ConfigRecord, tensors: ArrayRecord):
-    def dec(x):
-        if isinstance(x, list):
-            return [dec(v) for v in x]
-        if isinstance(x, dict):
-            if "$t" in x:
-                return array_to_tensor(tensors[x["$t"]])
-            if "$d" in x:
-                return {dec(k): dec(v) for k, v in x["$d"]}
-            return tuple(dec(v) for v in x["$tuple"])
-        return x
-
-    return dec(json.loads(structure["tree"]))
-
-
-CLIENT_STATE = ("fedmole.client", "fedmole.client.tensors")
-
-
-def save_client_state(records: RecordDict, obj) -> None:
-    """Store `obj` in a node's `context.state`."""
-    records[CLIENT_STATE[0]], records[CLIENT_STATE[1]] = pack_tree(obj)
-
-
-def load_client_state(records: RecordDict):
-    """What `save_client_state` stored in `context.state`, or None."""
-    if CLIENT_STATE[0] not in records:
-        return None
-    return unpack_tree(records[CLIENT_STATE[0]], records[CLIENT_STATE[1]])
 
 
 # -- the resolved config ----------------------------------------------------------------

@@ -13,7 +13,8 @@ Run config (`[tool.flwr.app.config]` in pyproject.toml, or `flwr run --run-confi
     config         fedmole TOML config (relative to the working directory or the app)
     overrides      fedmole `key=value` overrides, space separated (shell quoting)
     out            run directory ("" = run.out_dir/METHOD-TIMESTAMP)
-    node-wait      seconds to wait for data.num_clients nodes to connect
+    node-wait      seconds to wait for data.num_clients nodes to connect, and for each
+                   round's worth of nodes to answer the start-up queries (asked in turn)
     every fedmole option, keyed as in `key=value` overrides ([run] keys bare:
     `rounds`, `method`; the others SECTION.KEY: `fed.tiers`, `flame.t`); "" keeps
     the value of `config`. Flower's run config holds only numbers, booleans and
@@ -33,6 +34,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedmole.config import Config, ConfigError, assign_tiers, describe, load_config
+from fedmole.engine.clients import clients_per_round
 from fedmole.engine.guard import ClientInfo, admit_eval
 from fedmole.engine.local import LocalEngine, ResumeError, summarise
 from fedmole.engine.setup import Setup
@@ -63,8 +65,8 @@ class FlowerEngine(LocalEngine):
 
     def run(self, resume: bool = False) -> dict:
         if resume:
-            raise ResumeError("a Flower run cannot be resumed: each client's optimizer state and batch position "
-                              "lived in its node's context, which ended with the run; start a new run")
+            raise ResumeError("a Flower run cannot be resumed: each client's state and batch position lived on "
+                              "its node, not versioned with the server's checkpoints; start a new run")
         return super().run()
 
     def train_clients(self, rnd: int, instructions: list[Instruction]) -> tuple[dict[int, Message], dict[int, str]]:
@@ -81,7 +83,7 @@ class FlowerEngine(LocalEngine):
         (engine/guard.py) and keys it by the client it asked, with the tier it assigned."""
         clients = list(range(self.cfg.data.num_clients))
         state = self.method.final_state(global_state)  # the whole trained model (FLoRA: with its merged base)
-        replies, failures = self.strategy.evaluate(self.grid, rnd, state, clients)
+        replies, failures = self.strategy.evaluate(self.grid, rnd, state, clients, wave=self.per_round())
         per_client = {}
         for c, msg in replies.items():
             metrics, why = admit_eval(lambda: serde.read_result(msg.content)[1], c, self.limits)
@@ -103,7 +105,7 @@ class FlowerEngine(LocalEngine):
                 sum(serde.reply_payload_nbytes(r, dtype) for r in replies))
 
     def client_states(self) -> dict:
-        return {}  # client state lives on the nodes; the checkpoint keeps the server's half
+        return {}  # client state lives on the nodes (in their state folders); the checkpoint keeps the server's half
 
 
 def is_simulation(grid: Grid) -> bool:
@@ -129,12 +131,13 @@ def with_node_tiers(cfg: Config, declared: dict[int, int | None]) -> Config:
 def serve(grid: Grid, cfg: Config, run_dir: str | Path, *, node_wait: float = 120.0) -> dict:
     """Run one fedmole job over `grid` and write its run directory; return the summary."""
     name = "flower-sim" if is_simulation(grid) else "flower"
-    nodes = discover_nodes(grid, cfg.data.num_clients, node_wait)
+    wave = clients_per_round(cfg)  # nodes asked at once, as a round asks them
+    nodes = discover_nodes(grid, cfg.data.num_clients, node_wait, wave)
     cfg = with_node_tiers(cfg, {c: tier for c, (_, tier) in nodes.items()})
     if name == "flower-sim":
         cfg.run.engine = name
     text = serde.config_to_text(cfg)
-    clients = describe_clients(grid, {c: n for c, (n, _) in nodes.items()}, text, node_wait)
+    clients = describe_clients(grid, {c: n for c, (n, _) in nodes.items()}, text, node_wait, wave)
     strategy = FedmoleStrategy({c: n for c, (n, _) in nodes.items()}, text, cfg.run.payload_dtype,
                                cfg.fed.round_timeout, cfg.fed.client_timeout)
     log.info("%s: %d clients on nodes %s, payload %s", name, len(nodes), strategy.nodes, cfg.run.payload_dtype)

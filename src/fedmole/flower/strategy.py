@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -36,13 +36,46 @@ log = logging.getLogger("fedmole")
 NODE_ALLOWANCE = 60.0  # seconds a node may need beyond its update: starting a ClientApp, building its Setup
 
 
-def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[int, tuple[int, int | None]]:
+def ask_in_waves(grid: Grid, build: Callable[[int], Message], keys: list[int], wait_s: float, wave: int = 0
+                 ) -> tuple[list[Message], list[Message]]:
+    """(the messages `build(key)` sent for `keys`, the replies to them), sent `wave` at a time
+    (0: all at once), each wave given `wait_s` seconds, so the time allowed grows with the
+    number of nodes. A key left unanswered is asked once more, in a fresh message, after the
+    others: a node's first message may find its ClientApp still starting. `sent` holds the
+    last message of each key, in `keys` order.
+
+    Flower's in-memory SuperLink (the Simulation Engine's) scans every pending message for
+    every node it serves: a population's worth of messages pending at once costs time that
+    grows with the square of the population, and starves the replies."""
+    step = wave or len(keys) or 1
+    last: dict[int, Message] = {}
+    replies: list[Message] = []
+    pending = list(keys)
+    for attempt in range(2):
+        missed = []
+        for i in range(0, len(pending), step):
+            part = {k: build(k) for k in pending[i:i + step]}
+            got = list(grid.send_and_receive(list(part.values()), timeout=wait_s))
+            replies += got
+            answered = {r.metadata.reply_to_message_id for r in got}
+            missed += [k for k, m in part.items() if m.metadata.message_id not in answered]
+            last.update(part)
+        if not missed:
+            break
+        if attempt == 0:
+            log.info("%d node(s) did not answer within %g s; asking them once more", len(missed), wait_s)
+        pending = missed
+    return [last[k] for k in keys], replies
+
+
+def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0, wave: int = 0
+                   ) -> dict[int, tuple[int, int | None]]:
     """Client id -> (node id, tier the node declares or None), for `num_clients` clients.
 
-    Waits up to `wait_s` for enough nodes, then asks every node for its node config.
-    Nodes that declare `partition-id` (the Simulation Engine sets it; SuperNodes take
-    it from `--node-config`) serve that client; if none declares one, clients are
-    the sorted node ids in order.
+    Waits up to `wait_s` for enough nodes, then asks every node for its node config,
+    `wave` nodes at a time (0: all at once), each wave within `wait_s`. Nodes that declare
+    `partition-id` (the Simulation Engine sets it; SuperNodes take it from `--node-config`)
+    serve that client; if none declares one, clients are the sorted node ids in order.
     """
     deadline = time.monotonic() + wait_s
     while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
@@ -50,10 +83,12 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
             raise RuntimeError(f"only {len(node_ids)} of the {num_clients} nodes (data.num_clients) connected "
                                f"within {wait_s:.0f} s")
         time.sleep(0.2)
-    query = [Message(RecordDict({"query": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
-                     message_type=MessageType.QUERY) for n in node_ids]
+    def query(n: int) -> Message:
+        return Message(RecordDict({"query": ConfigRecord({"ask": "node-config"})}), dst_node_id=n,
+                       message_type=MessageType.QUERY)
+
     declared: dict[int, tuple[int, int]] = {}  # node -> (partition id, tier), -1 / 0 when not given
-    for reply in grid.send_and_receive(query, timeout=wait_s):
+    for reply in ask_in_waves(grid, query, node_ids, wait_s, wave)[1]:
         if reply.has_error():
             raise RuntimeError(f"node {reply.metadata.src_node_id} failed to describe itself: {reply.error.reason}")
         try:
@@ -89,15 +124,19 @@ def discover_nodes(grid: Grid, num_clients: int, wait_s: float = 120.0) -> dict[
     return {c: (n, declared[n][1] if declared[n][1] > 0 else None) for c, n in chosen.items()}
 
 
-def describe_clients(grid: Grid, nodes: dict[int, int], config_text: str, wait_s: float = 120.0
+def describe_clients(grid: Grid, nodes: dict[int, int], config_text: str, wait_s: float = 120.0, wave: int = 0
                      ) -> dict[int, ClientInfo]:
     """Client id -> what its node declares about its data when the run starts: name, training and
-    test example counts. These bound what the node's replies may claim later (engine/guard.py);
-    a repeated or unusable name becomes "clientN", as `build_clients` names clients."""
-    sent = [Message(RecordDict({"query": ConfigRecord({"ask": "describe", "client-id": c}),
-                                "fedmole": serde.config_record(config_text)}),
-                    dst_node_id=n, message_type=MessageType.QUERY) for c, n in nodes.items()]
-    got, failures = FedmoleStrategy.match(sent, list(nodes), grid.send_and_receive(sent, timeout=wait_s), wait_s)
+    test example counts, asked `wave` nodes at a time, each wave within `wait_s`. These bound what
+    the node's replies may claim later (engine/guard.py); a repeated or unusable name becomes
+    "clientN", as `build_clients` names clients."""
+    def describe(c: int) -> Message:
+        return Message(RecordDict({"query": ConfigRecord({"ask": "describe", "client-id": c}),
+                                   "fedmole": serde.config_record(config_text)}),
+                       dst_node_id=nodes[c], message_type=MessageType.QUERY)
+
+    sent, replies = ask_in_waves(grid, describe, list(nodes), wait_s, wave)
+    got, failures = FedmoleStrategy.match(sent, list(nodes), replies, wait_s)
     if failures:
         raise RuntimeError(f"nodes could not describe their clients' data: {failures}")
     infos = {}
@@ -167,13 +206,28 @@ class FedmoleStrategy:
             for c in client_ids
         ]
 
-    def evaluate(self, grid: Grid, rnd: int, global_state: State,
-                 client_ids: list[int]) -> tuple[dict[int, Message], dict[int, str]]:
-        """Each client's evaluation reply message (undecoded) and why the others have none."""
-        messages = self.configure_evaluate(rnd, global_state, client_ids)
+    def evaluate(self, grid: Grid, rnd: int, global_state: State, client_ids: list[int],
+                 wave: int = 0) -> tuple[dict[int, Message], dict[int, str]]:
+        """Each client's evaluation reply message (undecoded) and why the others have none.
+
+        Clients are asked `wave` at a time (0: all at once): every message carries the
+        state, so a population's worth of them waiting at once would hold that many copies.
+        fed.round_timeout bounds all waves together."""
         deadline = self.round_timeout or None  # generation time is not bounded by fed.client_timeout
-        replies = grid.send_and_receive(messages, timeout=deadline)
-        return self.match(messages, list(client_ids), replies, deadline)
+        end = time.monotonic() + deadline if deadline else None
+        clients = list(client_ids)
+        step = wave or len(clients) or 1
+        got: dict[int, Message] = {}
+        failures: dict[int, str] = {}
+        for i in range(0, len(clients), step):
+            part = clients[i:i + step]
+            messages = self.configure_evaluate(rnd, global_state, part)
+            left = max(end - time.monotonic(), 0.0) if end else None
+            replies = grid.send_and_receive(messages, timeout=left) if left != 0.0 else []
+            g, f = self.match(messages, part, replies, deadline)
+            got.update(g)
+            failures.update(f)
+        return got, failures
 
     # -- replies ----------------------------------------------------------------------
     @staticmethod

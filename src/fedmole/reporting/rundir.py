@@ -4,7 +4,8 @@
     RUN_DIR/metrics.jsonl       one JSON object per round (round 0 = before training)
     RUN_DIR/summary.json        final figures
     RUN_DIR/adapter.safetensors final global adapter
-    RUN_DIR/checkpoints/round_NNNN/  global adapter + server state + meta, written atomically
+    RUN_DIR/checkpoints/round_NNNN/  global adapter + server state + which client state + meta, atomically
+    RUN_DIR/client_state/       what each client keeps between rounds (fedmole.engine.client_state)
     RUN_DIR/report.md           Markdown report with plots
 
 Every metric row so far is part of each checkpoint's meta.json, so a resume
@@ -105,12 +106,14 @@ class RunDir:
         os.replace(tmp, target)
         return target
 
-    def checkpoint(self, rnd: int, global_state: State, server_state: dict, clients_state: dict, meta: dict) -> Path:
+    def checkpoint(self, rnd: int, global_state: State, server_state: dict, clients: dict, meta: dict) -> Path:
         """Write checkpoints/round_NNNN atomically and prune old ones.
 
-        Files go to a temporary folder, `meta.json` (with the SHA-256 of every
-        other file) is written last, and the folder is renamed into place, so a
-        checkpoint either exists whole or not at all.
+        `clients` (clients.json) names the client state the checkpoint continues from
+        (client -> [version, record SHA-256], see `RunClientStates.manifest`); the state
+        itself is already on disk. Files go to a temporary folder, `meta.json` (with the
+        SHA-256 of every other file) is written last, and the folder is renamed into
+        place, so a checkpoint either exists whole or not at all.
         """
         root = self.path / "checkpoints"
         root.mkdir(exist_ok=True)
@@ -120,7 +123,7 @@ class RunDir:
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / "adapter.safetensors"))
         torch.save(server_state, tmp / "server.pt")
-        torch.save(clients_state, tmp / "clients.pt")
+        (tmp / "clients.json").write_text(json.dumps(clients))
         files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / "meta.json").write_text(dumps({"round": rnd, "files": files, **meta}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
@@ -129,6 +132,11 @@ class RunDir:
         for old in done[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def checkpoint_rounds(self) -> list[int]:
+        """Rounds of the checkpoint folders on disk, ascending."""
+        root = self.path / "checkpoints"
+        return sorted(int(p.name.removeprefix("round_")) for p in root.glob("round_*")) if root.is_dir() else []
 
     def newest_meta(self) -> dict:
         """meta.json of the newest checkpoint folder ({} when there is none or it is unreadable)."""
@@ -183,7 +191,7 @@ def _read_checkpoint(ckpt: Path) -> dict:
     try:
         state = load_file(str(ckpt / "adapter.safetensors"))
         server = torch.load(ckpt / "server.pt", weights_only=True)
-        clients = torch.load(ckpt / "clients.pt", weights_only=True)
+        clients = json.loads((ckpt / "clients.json").read_text()) if "clients.json" in files else None
     except Exception as e:  # checksums matched but the content is not what we write
         raise CheckpointError(f"cannot load: {e}") from None
     return {"path": ckpt, "meta": meta, "global_state": state, "server": server, "clients": clients}
