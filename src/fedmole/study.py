@@ -256,6 +256,14 @@ def resolve(study: Study, arm: Arm, seed: int, lr: float | None, extra: Sequence
     return cfg
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies under it (reports name no machine's layout)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def fingerprint(cfg: Config) -> dict:
     """What decides a run's result: every section but the run keys in _IGNORED_RUN_KEYS, plus
     the options of the run's own method (other methods' tables do not matter)."""
@@ -440,7 +448,7 @@ def run_study(study: Study, out: str | Path, *, strict: bool = False, keep_check
     specs = [RunSpec(arm.name, s, resolve(study, arm, s, rates[arm.name]["lr"]), f"{arm.name}-seed{s}")
              for arm in study.arms for s in study.seeds]
     _execute(specs, out / "runs", runner, keep_checkpoints, failures)
-    meta = {"file": str(study.path) if study.path else None, "config": str(study.config) if study.config else None,
+    meta = {"file": _shown(study.path) if study.path else None, "config": _shown(study.config) if study.config else None,
             "seeds": study.seeds, "set": study.overrides, "command": command, "dir": str(out),
             "seconds_this_invocation": round(time.perf_counter() - started, 1)}
     return write_study(out, study, specs, rates, failures, warnings, sizes, meta)
