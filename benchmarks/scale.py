@@ -145,7 +145,8 @@ def main() -> None:
             r = results[-1]
             print(f"{population} clients: set-up {r['setup_seconds']:.1f} s, {r['seconds_per_round']:.1f} s/round, "
                   f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-    print(f"\n{a.config}, {a.per_round} clients per round, {a.rounds} rounds, {' '.join(a.set)}; "
+    extra = f", {' '.join(a.set)}" if a.set else ""
+    print(f"\n{a.config}, {a.per_round} clients per round, {a.rounds} rounds{extra}; "
           f"ratios to {results[0]['population']} clients; [peak RSS after set-up]")
     print(table(results))
     if a.json:
