@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fedmole.evaluation.generate import greedy_generate, stop_token_ids
-from fedmole.models import tiny_llama, tiny_tokenizer
 
 TEXTS = [
     "Input: What is the capital of France?",
@@ -15,25 +14,6 @@ TEXTS = [
     "0 1 2 3 4",
     "no true false answer question passage sentence word",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    model = tiny_llama(len(tok), seed=0)
-    # The default init makes a tied-embedding toy model echo its last token
-    # forever, which would make every ordering bug invisible; larger weights
-    # give varied continuations.
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3, generator=gen)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,6 @@ from fedmole.data.types import Example
 from fedmole.evaluation.choice import choose, option_losses
 from fedmole.evaluation.generate import greedy_generate
 from fedmole.evaluation.predict import mean_scores, predict
-from fedmole.models import tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    model = tiny_llama(len(tok), seed=0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # larger weights than the default init: options get clearly different losses
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.3, generator=gen)
-    return model.eval()
 
 
 def oracle_loss(model, prompt, option):
