@@ -9,9 +9,11 @@ Candidates (fedmole.sparsify):
 
 For each: the mean token loss on held-out Natural Instructions text at its native top-k and at every
 tier of --tiers (with FLAME's rescaler at its start value top_k/k, and unscaled), and the time of one
-FLAME training step (LoRA of rank 8 on every expert, forward + backward, batch --batch x --seq
-tokens) at those tiers, as medians of --repeats interleaved repeats. The dense reference step is SmolLM2 with the dense main job's adapter
-(MoLE on q_proj and v_proj, 8 experts of rank 8, k = 8). Then the acceptance checks:
+FLAME training step (LoRA of rank 8 on every expert, dropout 0.05, forward + backward, batch
+--batch x --seq tokens) at those tiers: medians over --repeats different batches, interleaved
+across tiers, after a warm-up step per tier. The dense reference step is SmolLM2 with the dense
+main job's adapter (MoLE on q_proj and v_proj, 8 experts of rank 8, k = 8), timed the same way.
+Then the acceptance checks:
   loss at the native top-k within 2% of dense; every tier in --tiers at most 1.3x dense;
   the lowest tier's step at most 0.5x the top tier's; the top tier's step at most 3.5x dense.
 
@@ -51,11 +53,22 @@ CANDIDATES = {
 }
 
 
-def train_batch(tokenizer, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    """A fixed (batch, seq) batch of NI prompts + answers, answer tokens labelled."""
+def train_batches(tokenizer, count: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
+    """`count` different (batch, seq) batches of NI prompts + answers, answer tokens labelled.
+
+    Different batches route differently, so every timed step meets expert row counts of its own,
+    as training does (a repeated batch would replay one set of matmul shapes).
+    """
+    examples = ni_sample(prepare_natural_instructions(), (80, 120), 1, seed=2)
+    if len(examples) < count * batch:
+        raise SystemExit(f"{count} batches of {batch} need {count * batch} examples; the sample has {len(examples)}")
+    return [train_batch(tokenizer, examples[i * batch : (i + 1) * batch], seq) for i in range(count)]
+
+
+def train_batch(tokenizer, examples, seq: int) -> dict[str, torch.Tensor]:
+    """One (len(examples), seq) batch, padded to seq."""
     from fedmole.data.tokenize import collate_train, encode_train
 
-    examples = ni_sample(prepare_natural_instructions(), (80, 120), 1, seed=2)[:batch]
     items = [encode_train(tokenizer, ex, max_len=seq, max_answer_tokens=32) for ex in examples]
     out = collate_train(items, tokenizer.pad_token_id)
     pad = seq - out["input_ids"].shape[1]  # equal-length batches: every repeat times the same work
@@ -82,11 +95,14 @@ def step_time(model, adapter, batch, k: int, autocast) -> float:
     return seconds
 
 
-def time_tiers(model, adapter, batch, tiers: list[int], repeats: int, autocast) -> dict[int, float]:
-    step_time(model, adapter, batch, tiers[0], autocast)  # warm-up (weight casts, allocator)
+def time_tiers(model, adapter, batches, tiers: list[int], autocast) -> dict[int, float]:
+    """Median step seconds per tier: a warm-up step per tier on batches[0], then one step per tier
+    on each further batch (interleaved, so that machine noise hits every tier alike)."""
+    for k in tiers:  # warm-up (weight casts, allocator, compiled matmul kernels)
+        step_time(model, adapter, batches[0], k, autocast)
     samples = {k: [] for k in tiers}
-    for _ in range(repeats):
-        for k in tiers:  # interleaved so that machine noise hits every tier alike
+    for batch in batches[1:]:
+        for k in tiers:
             samples[k].append(step_time(model, adapter, batch, k, autocast))
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -121,13 +137,13 @@ def main() -> None:
     c, h = CALIBRATION, HELD_OUT
     calibration = token_batches(tokenizer, ni_sample(ni, c["lines"], c["per_task"], c["seed"]), c["max_len"])
     held = token_batches(tokenizer, ni_sample(ni, h["lines"], h["per_task"], h["seed"], h["limit"]), h["max_len"])
-    batch = train_batch(tokenizer, a.batch, a.seq)
+    batches = train_batches(tokenizer, a.repeats + 1, a.batch, a.seq)
 
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     dense_loss = lm_loss(dense, held, autocast)
     probe = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     mole = inject_mole(probe, MoLEConfig(num_experts=8, rank=8, targets=["q_proj", "v_proj"]), k_max=8)
-    dense_step = time_tiers(probe, mole, batch, [8], a.repeats, autocast)[8]
+    dense_step = time_tiers(probe, mole, batches, [8], autocast)[8]
     del probe, mole
     print(f"dense SmolLM2-135M-Instruct: held-out loss {dense_loss:.4f}; training step {dense_step:.3f} s "
           f"(MoLE on q_proj, v_proj, k=8)\n")
@@ -142,7 +158,7 @@ def main() -> None:
         # FLAME's adapter as a run starts it: LoRA B = 0 and the rescaler at top_k / k
         adapter = inject_moe_lora(model, MoLEConfig(rank=8, dropout=0.05, rescale="learned"), k_max=spec.top_k)
         losses = tier_losses(model, held, tiers, autocast, adapter=adapter)
-        times = time_tiers(model, adapter, batch, tiers, a.repeats, autocast)
+        times = time_tiers(model, adapter, batches, tiers, autocast)
         del model, adapter
         gc.collect()
 

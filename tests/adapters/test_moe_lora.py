@@ -186,16 +186,58 @@ def test_each_expert_computes_only_its_routed_tokens(monkeypatch, k):
     with torch.no_grad(), adapter.route(k):
         block(x)
     idx = torch.softmax(x @ block.gate.weight.t(), -1).topk(k, dim=-1).indices  # (N, k)
-    assert len(calls) == 2  # gate_up then down, each over N*k rows only
+    assert len(calls) == 2  # gate_up then down
     rows, offs, d_in = calls[0]
-    assert d_in == 32 and rows.shape[0] == 20 * k
+    assert d_in == 32
     bounds = [0, *offs.tolist()]
     for j in range(E):
         routed = (idx == j).any(-1).nonzero().flatten()
-        got = rows[bounds[j] : bounds[j + 1]]
-        assert got.shape[0] == routed.numel()
-        torch.testing.assert_close(got, x[routed])
-    assert calls[1][0].shape[0] == 20 * k
+        block_rows = rows[bounds[j] : bounds[j + 1]]
+        # the expert's routed tokens, then zero rows up to the next multiple of ROW_BUCKET (CPU kernel reuse)
+        padded = -(-routed.numel() // moe_lora.ROW_BUCKET) * moe_lora.ROW_BUCKET
+        assert block_rows.shape[0] == padded
+        torch.testing.assert_close(block_rows[: routed.numel()], x[routed])
+        assert not block_rows[routed.numel() :].any()
+    assert calls[1][0].shape[0] == rows.shape[0]
+
+
+def test_lora_dropout_shares_one_mask_per_token_across_its_experts(monkeypatch):
+    """In training, LoRA dropout masks the token's input to the gate/up A and its expert's
+    hidden activations to the down A with one 0/1 mask per token and layer input, rescaled by
+    1/(1-p); the frozen path and the evaluation path see no dropout."""
+    p = 0.5
+    _, model, adapter = make("qwen2_moe", rescale="off", dropout=p)
+    randomise_lora(adapter)
+    block = next(iter(adapter.layers.values()))
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(6))
+    masks = {}
+
+    def fixed_mask(n, width, p_, dtype):
+        gen = torch.Generator().manual_seed(width)
+        masks[width] = (torch.rand(n, width, generator=gen) >= p_).to(dtype)
+        return masks[width]
+
+    monkeypatch.setattr(block, "_keep_mask", fixed_mask)
+    adapter.routing.k = 2
+    block.train()
+    y = block(x)
+    block.eval()
+    y_eval = block(x)
+    assert not torch.allclose(y, y_eval)
+    # oracle: per token, per selected expert, LoRA inputs masked by that token's rows of the masks
+    ex, s = block.experts, block.scaling / (1 - p)
+    m_in, m_hid = masks[32][:10], masks[block.intermediate][:10]
+    probs = torch.softmax(x @ block.gate.weight.t(), -1)
+    vals, idx = probs.topk(2, dim=-1)
+    ref = torch.zeros_like(x)
+    for t in range(10):
+        for v, j in zip(vals[t], idx[t].tolist()):
+            gu = ex.gate_up_proj[j] @ x[t] + s * block.lora_gate_up_B[j] @ (block.lora_gate_up_A[j] @ (x[t] * m_in[t]))
+            g, u = gu.chunk(2)
+            h = ex.act_fn(g) * u
+            ref[t] += v * (ex.down_proj[j] @ h + s * block.lora_down_B[j] @ (block.lora_down_A[j] @ (h * m_hid[t])))
+        ref[t] += torch.sigmoid(block.shared_expert_gate(x[t])) * block.shared_expert(x[t])  # untouched by dropout
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_loop_fallback_matches_grouped_matmul(monkeypatch):
@@ -298,3 +340,17 @@ def test_detection_and_errors():
         inject_moe_lora(model, MoLEConfig())
     with pytest.raises(ValueError, match="allowed: 1..4"), adapter.route(5):
         model(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_mask_keeps_one_minus_p_of_entries_uniformly(p):
+    torch.manual_seed(0)
+    m = moe_lora.keep_mask(400, 300, p, torch.bfloat16)
+    assert m.shape == (400, 300) and m.dtype == torch.bfloat16
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    kept = m.float().mean().item()
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / m.numel()) ** 0.5 + 1e-4
+    # every 16-bit lane of the generator's words is used alike: columns keep the same share
+    col = m.float().mean(0)
+    assert abs(col[0::4].mean() - col[3::4].mean()) < 0.02
+    assert moe_lora.dropout_rate(0.05) == round(0.05 * 65536) / 65536

@@ -34,7 +34,14 @@ Routed (token, slot) rows are sorted by expert and each projection runs as
 one grouped matmul over the experts' row blocks (`torch.nn.functional.
 grouped_mm`; a per-expert loop over experts that received rows where it is
 unavailable), so only selected experts compute and no Python loop runs over
-experts on CPU.
+experts on CPU. On CPU each block is padded with zero rows to a multiple of
+`ROW_BUCKET`, so that the matmul kernels oneDNN compiles per shape are reused.
+The gate/up LoRA A runs once per token for all experts (r columns each, a
+small dense matmul) instead of once per routed row.
+
+LoRA dropout (spec: dropout on the LoRA input) draws one mask per token and
+layer input, which the token's k experts share, as the dense MoLE layer's
+experts share theirs; p is rounded to a multiple of 1/65536 (`keep_mask`).
 
 Saved tensors (names keyed by FLAME's aggregation: a `lora_` prefix marks a
 first dimension that indexes experts): `lora_gate_up_A` (E, r, H),
@@ -65,6 +72,13 @@ FAMILIES = {
 
 EXPERT_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
+# On CPU each expert's block of routed rows is padded with zero rows to a multiple of this. oneDNN
+# compiles a kernel for every new matmul shape (about 0.4 ms each); unpadded, nearly every expert
+# of every layer has a row count of its own and a training step spends more time compiling kernels
+# than the lowest tier spends computing. Padded, the shapes come from a small set that its
+# primitive cache keeps (fedmole raises that cache's capacity: see fedmole/__init__.py).
+ROW_BUCKET = 16
+
 
 def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `F.grouped_mm` takes these operands: its kernels want rows of a multiple of 16 bytes."""
@@ -90,6 +104,23 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) ->
     bounds = [0, *offs.tolist()]
     parts = [F.linear(x[a:b], weight[g]) for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
+
+
+def dropout_rate(p: float) -> float:
+    """The dropout rate `keep_mask` draws: p rounded to a multiple of 1/65536."""
+    return round(p * 65536) / 65536
+
+
+def keep_mask(n: int, width: int, p: float, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """(n, width) Bernoulli(1 - p) keep-mask of 0/1 values in `dtype`, p rounded as `dropout_rate`.
+
+    Four 16-bit uniform integers come from each 64-bit draw of torch's generator: a quarter of
+    the generator calls of `bernoulli_`, whose per-element draws cost a sparse block's lowest
+    tier a noticeable share of its training step on CPU (and run on one thread).
+    """
+    words = torch.empty((n * width + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    lanes = words.view(torch.int16)[: n * width].view(n, width)  # uniform over -32768..32767
+    return (lanes >= -32768 + round(p * 65536)).to(dtype)
 
 
 class MoELoRABlock(ExpertCounter, nn.Module):
@@ -138,7 +169,9 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         self.active = active  # rank-truncation mode (the LoRA baselines): every call runs the full top-k
         self.renormalize = renormalize
         self.rescale_mode = rescale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout={dropout}; allowed: 0 <= dropout < 1")
+        self.dropout_p = float(dropout)
         dev = gate_up.device
 
         def lora_a(d_in: int) -> nn.Parameter:  # kaiming-uniform (a=sqrt(5)) as in PEFT: U(+-1/sqrt(d_in))
@@ -198,24 +231,92 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         """sum_slots gate * FFN_expert(x) computing only the selected (token, expert) rows.
 
         x: (N, H); indices, gates: (N, k). Returns (N, H) in x's dtype.
+
+        The frozen projections run as grouped matmuls over the M = N*k routed
+        rows. The LoRA A of the gate/up pair runs once per token for all E
+        experts (N x E*r outputs, a few percent of one expert's gate/up cost)
+        and each routed row takes its expert's r columns: that reads x once
+        instead of k times. LoRA dropout draws one mask per token and layer
+        input, shared by the token's experts (as the dense MoLE layer shares it
+        across its experts), and its 1/(1-p) and alpha/r scales act on the
+        r-wide LoRA activations, not on 2I-wide outputs.
         """
         n, k = indices.shape
+        E, H = self.num_experts, self.hidden
         flat = indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)  # (M,) routed rows grouped by expert, M = N*k
-        token = order.div(k, rounding_mode="floor")  # (M,) token of each row
-        offs = torch.bincount(flat, minlength=self.num_experts).cumsum(0).to(torch.int32)  # (E,)
+        expert_of = flat[order]  # (M,)
+        counts = torch.bincount(flat, minlength=E)  # (E,)
+        bucket = ROW_BUCKET if x.device.type == "cpu" else 1
+        padded = (counts + bucket - 1).div(bucket, rounding_mode="floor") * bucket  # (E,) rows per expert
+        ends = padded.cumsum(0)
+        m_pad = int(ends[-1])
+        # each routed row's place in the padded layout; padding rows point at token N, a zero row
+        place = (ends - padded)[expert_of] + torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert_of]
+        token = torch.full((m_pad,), n, dtype=torch.long, device=x.device)
+        token[place] = order.div(k, rounding_mode="floor")
+        expert = torch.repeat_interleave(torch.arange(E, device=x.device), padded)  # (M',)
+        row_gate = gates.new_zeros(m_pad)
+        row_gate[place] = gates.reshape(-1)[order]
+        offs = ends.to(torch.int32)
+
         dt = compute_dtype(x)
-        xs = x[token].to(dt)  # (M, H)
+        xe = torch.cat([x.to(dt), x.new_zeros(1, H, dtype=dt)])  # (N+1, H)
+        xs = xe.index_select(0, token)  # (M', H)
+        rank, scaling, a_gu, b_gu, a_d, b_d = self._lora_tensors(dt)
+        p = dropout_rate(self.dropout_p) if self.training else 0.0
+        scaling = scaling / (1.0 - p)
 
-        gu = grouped_linear(xs, self._base_weight("gate_up_proj", dt), offs)  # (M, 2I)
-        gu = gu + self._lora(xs, self.lora_gate_up_A, self.lora_gate_up_B, offs)
+        # gate/up: LoRA A of every expert on each token once, then each row's expert block of r columns
+        z_all = F.linear(self._token_dropout(xe, p), a_gu.reshape(-1, H))  # (N+1, E*r)
+        z = z_all.view(-1, rank).index_select(0, token * E + expert)  # (M', r)
+        gu = grouped_linear(xs, self._base_weight("gate_up_proj", dt), offs)  # (M', 2I)
+        gu = gu + grouped_linear(self._pad_rank(z * scaling), b_gu, offs)
         g, u = gu.chunk(2, dim=-1)
-        h = self.experts.act_fn(g) * u  # (M, I)
-        ys = grouped_linear(h, self._base_weight("down_proj", dt), offs)  # (M, H)
-        ys = ys + self._lora(h, self.lora_down_A, self.lora_down_B, offs)
+        h = self.experts.act_fn(g) * u  # (M', I)
 
-        ys = ys * gates.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        return x.new_zeros(n, self.hidden).index_add(0, token, ys.to(x.dtype))
+        # down: per-row LoRA A (its input differs per expert), with the token's dropout mask
+        hd = h if p == 0.0 else h * self._keep_mask(n + 1, self.intermediate, p, dt).index_select(0, token)
+        zd = grouped_linear(hd, a_d, offs) * scaling  # (M', r + pad)
+        ys = grouped_linear(h, self._base_weight("down_proj", dt), offs)  # (M', H)
+        ys = ys + grouped_linear(zd, b_d, offs)
+
+        ys = ys * row_gate.unsqueeze(-1).to(ys.dtype)
+        return x.new_zeros(n + 1, H).index_add(0, token, ys.to(x.dtype))[:n]
+
+    def _keep_mask(self, n: int, width: int, p: float, dtype: torch.dtype) -> torch.Tensor:
+        """(n, width) 0/1 dropout keep-mask in `dtype` (unscaled: the 1/(1-p) acts on the LoRA activations)."""
+        return keep_mask(n, width, p, dtype, self.lora_down_A.device)
+
+    def _token_dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        return x if p == 0.0 else x * self._keep_mask(x.shape[0], x.shape[1], p, x.dtype)
+
+    def _lora_tensors(self, dtype: torch.dtype) -> tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rank, alpha/rank, A_gu (E, r, H), B_gu, A_d, B_d) in `dtype`, the B and A_d ranks zero-padded.
+
+        In rank-truncation mode only the first `active.rank` components run, scaled by alpha / that rank.
+        Zero rank padding keeps the grouped-matmul rows 16-byte aligned.
+        """
+        rank, scaling = self.rank, self.scaling
+        a_gu, b_gu, a_d, b_d = (getattr(self, n).to(dtype) for n in EXPERT_TENSORS)
+        if self.active is not None:
+            rank = self.active.rank
+            if not 1 <= rank <= self.rank:
+                raise ValueError(f"active LoRA rank {rank}; allowed: 1..{self.rank}")
+            a_gu, b_gu, a_d, b_d, scaling = a_gu[:, :rank], b_gu[..., :rank], a_d[:, :rank], b_d[..., :rank], \
+                self.alpha / rank
+        pad = self._rank_pad(rank, dtype)
+        if pad:
+            b_gu, a_d, b_d = F.pad(b_gu, (0, pad)), F.pad(a_d, (0, 0, 0, pad)), F.pad(b_d, (0, pad))
+        return rank, scaling, a_gu, b_gu, a_d, b_d
+
+    @staticmethod
+    def _rank_pad(rank: int, dtype: torch.dtype) -> int:
+        return -rank % (16 // torch.empty((), dtype=dtype).element_size())
+
+    def _pad_rank(self, z: torch.Tensor) -> torch.Tensor:
+        pad = self._rank_pad(z.shape[-1], z.dtype)
+        return F.pad(z, (0, pad)) if pad else z
 
     def _base_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """A frozen expert weight in the compute dtype, cast once and reused while unchanged.
@@ -234,23 +335,6 @@ class MoELoRABlock(ExpertCounter, nn.Module):
                 hit = (stamp, w.detach().to(dtype))
             self._cast_cache[(name, dtype)] = hit
         return hit[1]
-
-    def _lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """(alpha/r) B_e A_e x per row block. x: (M, d_in); a: (E, r, d_in); b: (E, d_out, r).
-
-        In rank-truncation mode only the first `active.rank` components run, scaled by alpha / that rank.
-        """
-        rank, scaling = self.rank, self.scaling
-        if self.active is not None:
-            rank = self.active.rank
-            if not 1 <= rank <= self.rank:
-                raise ValueError(f"active LoRA rank {rank}; allowed: 1..{self.rank}")
-            a, b, scaling = a[:, :rank], b[..., :rank], self.alpha / rank
-        pad = -rank % (16 // x.element_size())  # zero rank padding keeps grouped-matmul rows 16-byte aligned
-        if pad:
-            a, b = F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
-        z = grouped_linear(self.dropout(x), a, offs)  # (M, r + pad)
-        return grouped_linear(z, b, offs) * scaling  # (M, d_out)
 
     @torch.no_grad()
     def set_delta(self, delta: torch.Tensor | None, pair: str) -> None:
