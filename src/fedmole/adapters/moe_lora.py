@@ -73,10 +73,10 @@ FAMILIES = {
 EXPERT_TENSORS = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
 # On CPU each expert's block of routed rows is padded with zero rows to a multiple of this. oneDNN
-# compiles a kernel for every new matmul shape (about 0.4 ms each); unpadded, nearly every expert
-# of every layer has a row count of its own and a training step spends more time compiling kernels
-# than the lowest tier spends computing. Padded, the shapes come from a small set that its
-# primitive cache keeps (fedmole raises that cache's capacity: see fedmole/__init__.py).
+# compiles a kernel for every new matmul shape (ONEDNN_VERBOSE=2 shows about 0.4 ms each); unpadded,
+# nearly every expert of every layer has a row count of its own, and compiling kernels took about
+# an eighth of a k = 1 training step of smollm2-moe. Padded, the shapes come from a small set that
+# its primitive cache keeps (fedmole raises that cache's capacity: see fedmole/__init__.py).
 ROW_BUCKET = 16
 
 
@@ -252,7 +252,8 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         ends = padded.cumsum(0)
         m_pad = int(ends[-1])
         # each routed row's place in the padded layout; padding rows point at token N, a zero row
-        place = (ends - padded)[expert_of] + torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert_of]
+        rank_in_block = torch.arange(flat.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert_of]
+        place = (ends - padded)[expert_of] + rank_in_block
         token = torch.full((m_pad,), n, dtype=torch.long, device=x.device)
         token[place] = order.div(k, rounding_mode="floor")
         expert = torch.repeat_interleave(torch.arange(E, device=x.device), padded)  # (M',)
@@ -291,7 +292,7 @@ class MoELoRABlock(ExpertCounter, nn.Module):
     def _token_dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
         return x if p == 0.0 else x * self._keep_mask(x.shape[0], x.shape[1], p, x.dtype)
 
-    def _lora_tensors(self, dtype: torch.dtype) -> tuple[int, float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _lora_tensors(self, dtype: torch.dtype) -> tuple[int, float, *tuple[torch.Tensor, ...]]:
         """(rank, alpha/rank, A_gu (E, r, H), B_gu, A_d, B_d) in `dtype`, the B and A_d ranks zero-padded.
 
         In rank-truncation mode only the first `active.rank` components run, scaled by alpha / that rank.
@@ -312,7 +313,7 @@ class MoELoRABlock(ExpertCounter, nn.Module):
 
     @staticmethod
     def _rank_pad(rank: int, dtype: torch.dtype) -> int:
-        return -rank % (16 // torch.empty((), dtype=dtype).element_size())
+        return -rank % (16 // dtype.itemsize)
 
     def _pad_rank(self, z: torch.Tensor) -> torch.Tensor:
         pad = self._rank_pad(z.shape[-1], z.dtype)
