@@ -197,6 +197,47 @@ def test_study_results_match_a_direct_recomputation(small_study):
     assert diff == pytest.approx(np.mean(own["flame"]) - np.mean(own["local"]))
 
 
+def test_runs_side_by_side_give_the_same_results(small_study, tmp_path):
+    """--jobs 2: pilots and runs in two worker processes, the same predictions and final states as one
+    at a time; a run that fails in a worker is reported, the others finish."""
+    path, out, *_ = small_study
+    result = run_study(load_study(path), tmp_path / "par", jobs=2)
+    assert result["study"]["jobs"] == 2 and all(r["status"] == "done" for r in result["runs"])
+    for folder in ("pilots", "runs"):
+        names = sorted(p.name for p in (out / folder).iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "par" / folder).iterdir())
+        for name in names:
+            one, two = out / folder / name, tmp_path / "par" / folder / name
+            assert (one / "predictions.jsonl").read_text() == (two / "predictions.jsonl").read_text()
+            a, b = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+            assert a["final_state_sha256"] == b["final_state_sha256"] and a["metrics"] == b["metrics"]
+    metric_claims = [c for c in json.loads((out / "study.json").read_text())["claims"] if c["kind"] != "compute"]
+    assert [c for c in result["claims"] if c["kind"] != "compute"] == metric_claims  # step times differ
+    broken = write_study(tmp_path, "[arms.flame]\nlr = 0.01\n[arms.hetlora]\nlr = 0.01\n",
+                         f'seeds = [0]\nset = {json.dumps([*FAST, "eval.before=false"])}\n')
+    result = run_study(load_study(broken), tmp_path / "broken", jobs=2, runner=fails_for_hetlora)
+    status = {r["dir"]: r["status"] for r in result["runs"]}
+    assert status["runs/flame-seed0"] == "done" and status["runs/hetlora-seed0"] != "done"
+    with pytest.raises(ConfigError, match="jobs must be a whole number of at least 1, got 0"):
+        run_study(load_study(broken), tmp_path / "broken", jobs=0)
+
+
+def fails_for_hetlora(cfg, run_dir):  # module level: a worker process unpickles it
+    if cfg.run.method == "hetlora":
+        raise RuntimeError("this run breaks")
+    assert cfg.run.threads == 1  # set by the study (FAST); left as it is
+    return run_local(cfg, run_dir)
+
+
+def test_jobs_share_out_the_cpus(monkeypatch):
+    import fedmole.study as study_module
+
+    monkeypatch.setattr(study_module, "usable_cpus", lambda: 16)
+    assert [study_module.threads_per_job(j) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    with pytest.raises(SystemExit):
+        main(["study", "x.toml", "--out", "y", "--jobs", "0"])
+
+
 def test_strict_size_check_and_other_configs_fail_before_work(small_study, tmp_path):
     path, out, *_ = small_study
     ran = []

@@ -8,7 +8,7 @@
     fedmole export RUN_DIR --out DIR [--format peft|fedmole] [--client C] [--tier K] [--merge]
     fedmole generate RUN_DIR --prompt TEXT [--input TEXT] [--client C] [--tier K]
     fedmole eval RUN_DIR --data FILE [--client C] [--tier K]
-    fedmole study STUDY.toml --out DIR [--strict]
+    fedmole study STUDY.toml --out DIR [--strict] [--jobs N]
                                arms x seeds of a study file, 95% intervals and claim verdicts
     fedmole prepare            fetch and convert the embedded model and data once
     fedmole config [CONFIG]    list every option, or print a config (resolved) as TOML
@@ -115,6 +115,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    return value
+
+
 def _study(args: argparse.Namespace) -> int:
     import shlex
 
@@ -122,8 +132,10 @@ def _study(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     command = "fedmole study " + " ".join(shlex.quote(a) for a in [args.study, "--out", args.out]
-                                          + (["--strict"] if args.strict else []))
-    result = run_study(study, args.out, strict=args.strict, keep_checkpoints=args.keep_checkpoints, command=command)
+                                          + (["--strict"] if args.strict else [])
+                                          + (["--jobs", str(args.jobs)] if args.jobs > 1 else []))
+    result = run_study(study, args.out, strict=args.strict, keep_checkpoints=args.keep_checkpoints, command=command,
+                       jobs=args.jobs)
     for c in result["claims"]:
         ci = "–" if c["ci95"] is None else f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}]"
         value = "–" if c["diff"] is None else f"{c['diff']:.3g}"
@@ -270,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fail before any work when an arm has too few test examples (else a warning)")
     st.add_argument("--keep-checkpoints", action="store_true",
                     help="keep finished runs' checkpoints (by default they are deleted to save disk)")
+    st.add_argument("--jobs", type=_positive_int, default=1,
+                    help="runs side by side, each in its own process with the CPUs shared out as torch threads "
+                         "(default 1; each process loads its own model, so mind the memory)")
     st.set_defaults(func=_study)
 
     sub.add_parser("prepare", help="prepare the embedded model and dataset").set_defaults(func=_prepare)

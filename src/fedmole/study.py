@@ -1,7 +1,7 @@
 """A study: several arms (a method plus overrides each) run on one base job over
 several seeds, with claims tested on paired 95% intervals.
 
-    fedmole study STUDY.toml --out DIR [--strict] [--keep-checkpoints]
+    fedmole study STUDY.toml --out DIR [--strict] [--keep-checkpoints] [--jobs N]
 
 The study file (TOML; paths relative to it):
 
@@ -38,12 +38,16 @@ Layout:
     DIR/study.json, study.md, plot_*.png   (reporting/study.py)
 
 An interrupted study continues: a run directory with a summary.json made from
-the same resolved config is kept, an unfinished one is started again.
+the same resolved config is kept, an unfinished one is started again. With
+`--jobs N`, N runs go side by side, each in its own process with the usable CPUs
+shared out as torch threads (mind the memory: each process holds its own model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
 import shutil
 import time
@@ -349,8 +353,10 @@ Runner = Callable[[Config, Path], dict]
 
 
 def _execute(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoints: bool,
-             failures: dict[str, str]) -> None:
-    """Run every spec whose directory under `root` holds no finished run of its config."""
+             failures: dict[str, str], jobs: int = 1) -> None:
+    """Run every spec whose directory under `root` holds no finished run of its config, up to
+    `jobs` at a time (each in its own process, see `_parallel`)."""
+    pending = []
     for spec in specs:
         run_dir = root / spec.dir_name
         if finished(run_dir, spec.cfg):
@@ -358,18 +364,82 @@ def _execute(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoi
         if run_dir.exists():
             log.info("%s is unfinished; starting it again", spec.dir_name)
             shutil.rmtree(run_dir)
-        log.info("study: running %s", spec.dir_name)
-        try:
-            runner(spec.cfg, run_dir)
-        except Exception as e:  # one broken run must not cost the others
-            log.exception("run %s failed", spec.dir_name)
-            failures[spec.dir_name] = repr(e)
-            continue
-        if not keep_checkpoints:  # with the client state they name
-            from fedmole.engine.client_state import RunClientStates
+        pending.append(spec)
+    if jobs > 1 and len(pending) > 1:
+        _parallel(pending, root, runner, keep_checkpoints, failures, jobs)
+        return
+    for spec in pending:
+        error = _run_one(runner, spec.cfg, root / spec.dir_name, keep_checkpoints)
+        if error:
+            failures[spec.dir_name] = error
 
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(run_dir / RunClientStates.FOLDER, ignore_errors=True)
+
+def _run_one(runner: Runner, cfg: Config, run_dir: Path, keep_checkpoints: bool) -> str | None:
+    """One run; its error as text if it failed (one broken run must not cost the others)."""
+    log.info("study: running %s", run_dir.name)
+    try:
+        runner(cfg, run_dir)
+    except Exception as e:
+        log.exception("run %s failed", run_dir.name)
+        return repr(e)
+    if not keep_checkpoints:  # with the client state they name
+        from fedmole.engine.client_state import RunClientStates
+
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / RunClientStates.FOLDER, ignore_errors=True)
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int) -> int:
+    """torch threads for each of `jobs` runs side by side: the usable CPUs shared out, at least one."""
+    return max(1, usable_cpus() // jobs)
+
+
+def _worker_start(verbose: bool) -> None:
+    from fedmole.console import setup_logging
+
+    setup_logging(verbose)
+
+
+def _parallel(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoints: bool,
+              failures: dict[str, str], jobs: int) -> None:
+    """Run `specs` `jobs` at a time, each in a fresh process. A run whose config leaves run.threads
+    at 0 gets `threads_per_job(jobs)` torch threads (run.threads does not change what a run
+    computes, so its fingerprint ignores it). The runner must be picklable (a module-level function)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = threads_per_job(jobs)
+    verbose = log.getEffectiveLevel() <= logging.DEBUG
+    context = multiprocessing.get_context("spawn")  # no forked copy of a parent that may hold a model
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
+                             initargs=(verbose,)) as pool:
+        futures = {}
+        for spec in specs:
+            cfg = spec.cfg
+            if not cfg.run.threads:
+                cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=threads))
+            futures[pool.submit(_run_one, runner, cfg, root / spec.dir_name, keep_checkpoints)] = spec
+        log.info("study: %d runs, %d at a time, %d torch thread(s) each", len(specs), jobs, threads)
+        for future in as_completed(futures):
+            spec = futures[future]
+            try:
+                error = future.result()
+            except Exception as e:  # the worker process itself died (killed, out of memory)
+                error = repr(e)
+                log.error("run %s did not finish: %s", spec.dir_name, error)
+            if error:
+                failures[spec.dir_name] = error
+            else:
+                log.info("study: %s finished", spec.dir_name)
 
 
 def _lr_name(lr: float) -> str:
@@ -377,7 +447,7 @@ def _lr_name(lr: float) -> str:
 
 
 def choose_learning_rates(study: Study, out: Path, runner: Runner, keep_checkpoints: bool,
-                          failures: dict[str, str]) -> dict[str, dict]:
+                          failures: dict[str, str], jobs: int = 1) -> dict[str, dict]:
     """Each arm's learning rate and how it was set; arms with lr_grid run their pilots first."""
     from fedmole.engine.evaluation import read_predictions
 
@@ -391,7 +461,7 @@ def choose_learning_rates(study: Study, out: Path, runner: Runner, keep_checkpoi
         specs = [RunSpec(arm.name, study.seeds[0], resolve(study, arm, study.seeds[0], lr, extra),
                          f"{arm.name}-lr{_lr_name(lr)}") for lr in arm.lr_grid]
         check_pilot_data(arm, specs[0].cfg)
-        _execute(specs, out / "pilots", runner, keep_checkpoints, failures)
+        _execute(specs, out / "pilots", runner, keep_checkpoints, failures, jobs)
         scores = {}
         for lr, spec in zip(arm.lr_grid, specs):
             if spec.dir_name in failures:
@@ -414,9 +484,11 @@ def choose_learning_rates(study: Study, out: Path, runner: Runner, keep_checkpoi
 
 
 def run_study(study: Study, out: str | Path, *, strict: bool = False, keep_checkpoints: bool = False,
-              runner: Runner | None = None, command: str = "") -> dict:
-    """Run (or finish) every pilot and every arm x seed, then write study.json, study.md and the
-    plots into `out`; return study.json's content."""
+              runner: Runner | None = None, command: str = "", jobs: int = 1) -> dict:
+    """Run (or finish) every pilot and every arm x seed, up to `jobs` runs at a time, then write
+    study.json, study.md and the plots into `out`; return study.json's content."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be a whole number of at least 1, got {jobs!r}")
     from fedmole.reporting.study import write_study
 
     started = time.perf_counter()
@@ -444,11 +516,11 @@ def run_study(study: Study, out: str | Path, *, strict: bool = False, keep_check
         from fedmole.engine.local import run_local as runner
 
     failures: dict[str, str] = {}
-    rates = choose_learning_rates(study, out, runner, keep_checkpoints, failures)
+    rates = choose_learning_rates(study, out, runner, keep_checkpoints, failures, jobs)
     specs = [RunSpec(arm.name, s, resolve(study, arm, s, rates[arm.name]["lr"]), f"{arm.name}-seed{s}")
              for arm in study.arms for s in study.seeds]
-    _execute(specs, out / "runs", runner, keep_checkpoints, failures)
+    _execute(specs, out / "runs", runner, keep_checkpoints, failures, jobs)
     meta = {"file": _shown(study.path) if study.path else None, "config": _shown(study.config) if study.config else None,
             "seeds": study.seeds, "set": study.overrides, "command": command, "dir": str(out),
-            "seconds_this_invocation": round(time.perf_counter() - started, 1)}
+            "seconds_this_invocation": round(time.perf_counter() - started, 1), "jobs": jobs}
     return write_study(out, study, specs, rates, failures, warnings, sizes, meta)

@@ -180,6 +180,7 @@ class LocalEngine:
             "final_state_sha256": evaluated_sha,
             "expert_usage": self.expert_usage(last_replies),
             "autocast": str(self.setup.autocast).replace("torch.", "") if self.setup.autocast else "off",
+            "threads": torch.get_num_threads(),
             "data": self.setup.data_summary,
         }
         out.write_summary(summary)

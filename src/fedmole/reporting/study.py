@@ -255,6 +255,7 @@ def budget(study, runs: list[dict], rates: dict, sizes: dict) -> dict:
             "comm_bytes_per_round": {d: float(np.mean([r["summary"]["comm_bytes"][d] / r["summary"]["rounds"]
                                                        for r in mine])) if mine else None for d in ("up", "down")},
             "precision": sorted({r["summary"].get("autocast", "off") for r in mine}),
+            "threads": sorted({r["summary"]["threads"] for r in mine if "threads" in r["summary"]}),
         }
     return {"arms": per_arm, "wall_seconds": round(sum(a["wall_seconds"] for a in per_arm.values()), 1),
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

@@ -127,13 +127,15 @@ def markdown(result: dict) -> str:
         traffic = " / ".join(format_bytes(comm[d]) if comm.get(d) is not None else "–" for d in ("up", "down"))
         rows.append([a, str(x.get("run.rounds")), str(x.get("train.local_steps")), str(x.get("train.batch_size")),
                      str(x.get("data.max_len")), overall, per_tier or "–", traffic, _seconds(x["wall_seconds"]),
-                     ", ".join(x["precision"]) or "–"])
+                     ", ".join(x["precision"]) or "–", ", ".join(map(str, x.get("threads") or [])) or "–"])
     lines += ["## Budget", "", *_table(["arm", "rounds", "local steps", "batch", "max_len",
                                         "test examples per seed (own tier)", "per tier (first seed)",
-                                        "traffic up / down per round", "wall time (runs)", "precision"], rows)]
+                                        "traffic up / down per round", "wall time (runs)", "precision",
+                                        "threads"], rows)]
     m = b["machine"]
-    lines += [f"Runs took {_seconds(b['wall_seconds'])} in all on {m['processor']} ({m['cpus']} CPUs, torch "
-              f"{m['torch']}, {m['torch_threads']} threads), {m['platform']}.", ""]
+    lines += [f"Runs took {_seconds(b['wall_seconds'])} in all (the sum of their wall times; runs made side "
+              f"by side overlap) on {m['processor']} ({m['cpus']} CPUs, torch {m['torch']}), {m['platform']}. "
+              "Threads: each run's torch threads (– where its summary predates the record).", ""]
 
     if result["warnings"]:
         lines += ["## Warnings", "", *(f"- {w}" for w in result["warnings"]), ""]
