@@ -91,12 +91,24 @@ def test_merged_deltas_change_every_expert_and_undo_exactly():
     w0 = block.experts.down_proj.detach().clone()
     delta = torch.randn(E, H, I)
     name = next(iter(adapter.layers))
-    adapter.set_merged({f"{name}.down": delta})
-    torch.testing.assert_close(block.experts.down_proj, w0 + delta)
-    adapter.set_merged({f"{name}.down": 2 * delta})  # replaces, never accumulates
-    torch.testing.assert_close(block.experts.down_proj, w0 + 2 * delta)
-    adapter.set_merged(None)
-    torch.testing.assert_close(block.experts.down_proj, w0)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), adapter.route(TOP_K):
+        plain = model(ids).logits
+        adapter.set_merged({f"{name}.down": delta})
+        merged = model(ids).logits
+        torch.testing.assert_close(block.merged_weight("down_proj"), w0 + delta)
+        assert torch.equal(block.experts.down_proj, w0)  # W0 is never written: no copy is kept to restore it
+        block.experts.down_proj.copy_(w0 + delta)  # the delta folded by hand gives the same model
+        adapter.set_merged(None)
+        torch.testing.assert_close(model(ids).logits, merged)
+        block.experts.down_proj.copy_(w0)
+        assert not torch.allclose(merged, plain)
+        adapter.set_merged({f"{name}.down": delta})
+        adapter.set_merged({f"{name}.down": 2 * delta})  # replaces, never accumulates
+        torch.testing.assert_close(block.merged_weight("down_proj"), w0 + 2 * delta)
+        adapter.set_merged(None)
+        torch.testing.assert_close(block.merged_weight("down_proj"), w0)
+        torch.testing.assert_close(model(ids).logits, plain)
     with pytest.raises(KeyError, match="unknown LoRA pair"):
         adapter.set_merged({"nowhere.down": delta})
 

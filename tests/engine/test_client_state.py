@@ -86,6 +86,28 @@ def test_equal_tensors_share_one_blob_until_their_last_record_goes(tmp_path):
     assert len(list(files.blobs.iterdir())) == 1
 
 
+def test_the_same_unchanged_tensors_are_encoded_once(tmp_path, monkeypatch):
+    """Clients sharing one tensor (FLoRA's merged base) encode and hash it once; a change in place,
+    or other tensors with equal values, are encoded again, and every record reads back exactly."""
+    import fedmole.engine.client_state as module
+
+    encoded = []
+    real = module.save_file
+    monkeypatch.setattr(module, "save_file", lambda t, path: encoded.append(sorted(t)) or real(t, path))
+    files = StateFiles(tmp_path)
+    merged = {"m": torch.randn(8, 8)}
+    for client in range(3):
+        files.write(client, 1, {"merged": merged}, None)
+    assert len(encoded) == 1
+    merged["m"].mul_(2)  # in place: the version counter moves, so the bytes are made again
+    files.write(3, 1, {"merged": merged}, None)
+    files.write(4, 1, {"merged": {"m": merged["m"].clone()}}, None)  # equal values, another tensor
+    assert len(encoded) == 3 and len(list(files.blobs.iterdir())) == 2
+    for client, factor in ((0, 0.5), (3, 1), (4, 1)):
+        assert torch.equal(files.read(client, 1)[0]["merged"]["m"], merged["m"] * factor)
+    assert not [p for p in files.blobs.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 def test_a_version_stays_while_a_kept_checkpoint_names_it(tmp_path):
     states = RunClientStates(tmp_path)
     states.save(0, 1, {"personal": {"w": torch.ones(2)}}, None)

@@ -190,7 +190,7 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         self._init_counts(E)
         self.aux_loss: torch.Tensor | None = None
         self._cast_cache: dict[tuple[str, torch.dtype], tuple[tuple, torch.Tensor]] = {}
-        self._pristine: dict[str, torch.Tensor] = {}  # base expert weights before a merged delta
+        self._deltas: dict[str, torch.Tensor] = {}  # projection -> merged base delta (FLoRA), see set_delta
 
     def adapter_names(self) -> list[str]:
         """Names of this block's trainable adapter tensors (the saved state)."""
@@ -320,42 +320,54 @@ class MoELoRABlock(ExpertCounter, nn.Module):
         return F.pad(z, (0, pad)) if pad else z
 
     def _base_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """A frozen expert weight in the compute dtype, cast once and reused while unchanged.
+        """A frozen expert weight (plus its merged delta, `set_delta`) in the compute dtype, made
+        once and reused while neither changes.
 
         Under autocast every call would otherwise re-cast all E experts (autocast
         caches only weights that require grad), a cost that does not shrink with
         k; the price is one copy of the expert weights in the autocast dtype.
         """
         w = getattr(self.experts, name)
-        if w.dtype == dtype or w.requires_grad:
+        delta = self._deltas.get(name)
+        if delta is None and (w.dtype == dtype or w.requires_grad):
             return w
-        stamp = (w.data_ptr(), w._version)
+        stamp = (w.data_ptr(), w._version, None if delta is None else delta._version)
         hit = self._cast_cache.get((name, dtype))
         if hit is None or hit[0] != stamp:
             with torch.inference_mode(False):  # a copy made while generating must still serve training
-                hit = (stamp, w.detach().to(dtype))
+                base = w.detach() if delta is None else w.detach() + delta.to(device=w.device, dtype=w.dtype)
+                hit = (stamp, base.to(dtype))
             self._cast_cache[(name, dtype)] = hit
         return hit[1]
+
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """`experts.<name>` with its merged delta, in the weight's own dtype (what the forward uses)."""
+        w = getattr(self.experts, name).detach()
+        delta = self._deltas.get(name)
+        return w if delta is None else w + delta.to(device=w.device, dtype=w.dtype)
 
     @torch.no_grad()
     def set_delta(self, delta: torch.Tensor | None, pair: str) -> None:
         """Make one projection of every expert W0_e + delta_e (FLoRA's merged base), or W0 for None.
 
         pair: "lora_gate_up_A" (delta (E, 2I, H)) or "lora_down_A" (delta (E, H, I)).
+        The block keeps a reference to `delta` (the caller must not change it in place) and
+        leaves the frozen weights W0 untouched: the sum is made in the compute dtype when the
+        forward first needs it, so no copy of W0 is held to restore it.
         """
         name = {"lora_gate_up_A": "gate_up_proj", "lora_down_A": "down_proj"}[pair]
-        w = getattr(self.experts, name)
-        pristine = self._pristine.get(name)
-        if pristine is None:
-            if delta is None:
-                return
-            pristine = self._pristine[name] = w.detach().clone()
-        if delta is None:
-            w.copy_(pristine)
+        if delta is not None:
+            w = getattr(self.experts, name)
+            if tuple(delta.shape) != tuple(w.shape):
+                raise ValueError(f"merged delta for {name} has shape {tuple(delta.shape)}, expected {tuple(w.shape)}")
+        if self._deltas.get(name) is delta:
             return
-        if tuple(delta.shape) != tuple(w.shape):
-            raise ValueError(f"merged delta for {name} has shape {tuple(delta.shape)}, expected {tuple(w.shape)}")
-        w.copy_(pristine + delta.to(device=w.device, dtype=w.dtype))
+        if delta is None:
+            self._deltas.pop(name, None)
+        else:
+            self._deltas[name] = delta
+        for key in [k for k in self._cast_cache if k[0] == name]:  # made from the previous delta
+            del self._cast_cache[key]
 
     def extra_repr(self) -> str:
         return (

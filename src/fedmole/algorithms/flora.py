@@ -18,7 +18,8 @@ gets the stack (`<p>.stack_A`, `<p>.stack_B`); one further behind (it missed
 rounds, or its reply was rejected) gets the whole merged dW (`<p>.merged`),
 which it installs instead. A client keeps its merged base delta in its store
 (what a real client's merged weights would hold; clients of one process that
-reach the same merge version share one copy, since it is the same tensor).
+reach the same merge version share one copy, since it is the same tensor, and
+in the local engine that copy is the server's own merged dW).
 Global evaluation uses the server's merged base with the fresh LoRA (B = 0);
 personalised evaluation, the client's own base with the LoRA it trained on it.
 An evaluated state carries its base as `<p>.merged` keys.
@@ -68,24 +69,37 @@ def merge_stacks(merged: Mapping[str, torch.Tensor], stacks: Mapping[str, tuple[
     return out
 
 
+def base_update_kind(version: int, update: State, target: int) -> str:
+    """How a client at merge `version` reaches `target` with `update`: "current" (nothing to do),
+    "replace" (the update carries the whole dW) or "merge" (one stack, from target - 1); raise
+    when it cannot."""
+    if version == target:
+        return "current"
+    if any(k.endswith(".merged") for k in update):
+        return "replace"
+    stacks = any(k.endswith(".stack_A") for k in update)
+    if stacks and version == target - 1:
+        return "merge"
+    raise RuntimeError(f"FLoRA base out of sync: client holds merge version {version}, server is at {target}, "
+                       f"and the update carries {'one merge' if stacks else 'nothing'}")
+
+
 def apply_base_update(base: dict, version: int, update: State, target: int) -> tuple[dict, int]:
     """Client side: bring (merged delta per module, version) to `target` with the update sent.
 
     `update` holds `<m>.merged` (the whole dW: replace), or `<m>.stack_A`/`<m>.stack_B`
     (one merge: add, valid only from version target - 1), or nothing (already current).
     """
-    if version == target:
+    kind = base_update_kind(version, update, target)
+    if kind == "current":
         return base, version
-    merged = {split_key(k)[0]: v for k, v in update.items() if k.endswith(".merged")}
-    if merged:
+    if kind == "replace":
+        merged = {split_key(k)[0]: v for k, v in update.items() if k.endswith(".merged")}
         return {m: v.to(torch.float32).clone() for m, v in merged.items()}, target
     stacks = {split_key(k)[0] for k in update if k.endswith(".stack_A")}
-    if stacks and version == target - 1:
-        pairs = {m: (update[f"{m}.stack_A"], update[f"{m}.stack_B"]) for m in stacks}
-        shapes = {m: (*B.shape[:-1], A.shape[-1]) for m, (A, B) in pairs.items()}
-        return merge_stacks(base, pairs, shapes), target
-    raise RuntimeError(f"FLoRA base out of sync: client holds merge version {version}, server is at {target}, "
-                       f"and the update carries {'one merge' if stacks else 'nothing'}")
+    pairs = {m: (update[f"{m}.stack_A"], update[f"{m}.stack_B"]) for m in stacks}
+    shapes = {m: (*B.shape[:-1], A.shape[-1]) for m, (A, B) in pairs.items()}
+    return merge_stacks(base, pairs, shapes), target
 
 
 class FLoRA(LoRAMethod):
@@ -134,8 +148,9 @@ class FLoRA(LoRAMethod):
         return fresh_lora({k: tuple(v.shape) for k, v in previous.items()}, self.seed, rnd)
 
     def final_state(self, global_state: State) -> State:
-        """The fresh LoRA plus every module's merged base delta: the whole trained update."""
-        return {**global_state, **{k: d.clone() for k, d in _merged_keys(self.merged).items()}}
+        """The fresh LoRA plus every module's merged base delta: the whole trained update. The deltas
+        are the server's own tensors (read-only: a merge replaces them, never writes into them)."""
+        return {**global_state, **_merged_keys(self.merged)}
 
     def load_final_state(self, saved: State) -> State:
         """Take the merged base deltas back out of a saved final state; the rest is the global LoRA."""
@@ -156,7 +171,13 @@ class FLoRA(LoRAMethod):
     def client_update(self, rt: ClientRuntime, instruction: Instruction) -> Reply:
         update = {k: v for k, v in instruction.state.items() if split_key(k)[1] in BASE_TENSORS}
         target, held = instruction.config["base_version"], rt.store.get("base_version", 0)
-        if target in self._bases and held in (target, target - 1) and not any(k.endswith(".merged") for k in update):
+        kind = base_update_kind(held, update, target)  # raises when the client cannot follow
+        if target and target == self.version:
+            # this process's server made merge `target`: its dW is, bit for bit, what the update
+            # builds (merge_stacks on the same inputs, or a copy of it), so share it, read-only
+            base, version = self.merged, target
+            self._bases = {}
+        elif target in self._bases and kind != "replace":
             base, version = self._bases[target], target  # another client of this process built it already
         else:
             base, version = apply_base_update(rt.store.get("merged", {}), held, update, target)

@@ -9,8 +9,9 @@ and tuples of tensors and scalars) and its batch position (`TrainBatches.state_d
     blobs/<sha256>.safetensors          the tensors of one top-level store key
 
 Blobs are named by the SHA-256 of their bytes: a blob is written once however many
-records use it (FLoRA clients of one merge version share their merged base), and
-reading one checks it. Every file is written to a temporary name and renamed, so it
+records use it (FLoRA clients of one merge version share their merged base, which
+is encoded and hashed once while it is the same unchanged tensors), and reading one
+checks it. Every file is written to a temporary name and renamed, so it
 exists whole or not at all; blobs are written before the record that names them.
 
 Two policies sit on top:
@@ -29,13 +30,13 @@ import json
 import math
 import os
 import re
+import weakref
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import load_file, save_file
 
 RECORD = re.compile(r"c(\d+)-r(\d+)\.json")
 FORMAT = 1  # record layout version
@@ -120,6 +121,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -143,6 +152,9 @@ class StateFiles:
         self.refs: Counter[str] = Counter()  # blob -> records using it
         self.blobs_of: dict[tuple[int, int], list[str]] = {}  # (client, version) -> its blobs
         self.bytes_written = 0  # record and new blob bytes, since this instance was made
+        # blob written from these very tensor objects (ids, checked by weak reference and version
+        # counter): clients sharing one tensor (FLoRA's merged base) encode and hash it once
+        self._known: dict[tuple, tuple[str, list]] = {}
 
     def record_path(self, client: int, version: int) -> Path:
         return self.records / f"c{client:06d}-r{version:05d}.json"
@@ -177,12 +189,25 @@ class StateFiles:
         return _sha256(data)
 
     def _put_blob(self, tensors: dict[str, torch.Tensor]) -> str:
-        data = save_tensors(_storable(tensors))
-        name = _sha256(data)
+        names = sorted(tensors)
+        key = tuple((n, id(tensors[n])) for n in names)
+        known = self._known.get(key)
+        if known is not None and all(ref() is tensors[n] and tensors[n]._version == v
+                                     for n, (ref, v) in zip(names, known[1])):
+            path = self.blobs / f"{known[0]}.safetensors"
+            if path.exists():  # the very tensors, unchanged since: same bytes, no need to encode them again
+                return known[0]
+        tmp = self.blobs / f".new.{os.getpid()}.tmp"  # encoded straight to a file: no second copy in memory
+        save_file(_storable(tensors), str(tmp))
+        name = _file_sha256(tmp)
         path = self.blobs / f"{name}.safetensors"
-        if not path.exists():
-            _write_atomic(path, data)
-            self.bytes_written += len(data)
+        if path.exists():
+            tmp.unlink()
+        else:
+            self.bytes_written += tmp.stat().st_size
+            os.replace(tmp, path)
+        self._known = {k: v for k, v in self._known.items() if all(ref() is not None for ref, _ in v[1])}
+        self._known[key] = (name, [(weakref.ref(tensors[n]), tensors[n]._version) for n in names])
         return name
 
     def read(self, client: int, version: int, sha256: str | None = None) -> tuple[dict, dict | None]:
@@ -214,12 +239,11 @@ class StateFiles:
     def _get_blob(self, name: str) -> dict[str, torch.Tensor]:
         path = self.blobs / f"{name}.safetensors"
         try:
-            data = path.read_bytes()
+            if _file_sha256(path) != name:
+                raise StateError(f"client state blob {path} does not match its checksum")
+            return load_file(str(path))
         except OSError as e:
             raise StateError(f"client state blob {path} unreadable: {e.strerror}") from None
-        if _sha256(data) != name:
-            raise StateError(f"client state blob {path} does not match its checksum")
-        return load_tensors(data)
 
     def versions(self) -> dict[int, list[int]]:
         """Client -> the versions on disk, ascending."""

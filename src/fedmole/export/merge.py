@@ -44,9 +44,9 @@ def _lora_weight(layer: LoRALinear, rank: int) -> torch.Tensor:
 def _moe_weights(block: MoELoRABlock, k: int) -> dict[str, torch.Tensor]:
     """Folded expert weights of one block at tier k: `experts.gate_up_proj`, `experts.down_proj`, `gate.weight`."""
     experts = block.experts
-    gate_up = experts.gate_up_proj.detach().double() + block.scaling * torch.bmm(
+    gate_up = block.merged_weight("gate_up_proj").double() + block.scaling * torch.bmm(
         block.lora_gate_up_B.detach().double(), block.lora_gate_up_A.detach().double())  # (E, 2I, H)
-    down = experts.down_proj.detach().double() + block.scaling * torch.bmm(
+    down = block.merged_weight("down_proj").double() + block.scaling * torch.bmm(
         block.lora_down_B.detach().double(), block.lora_down_A.detach().double())  # (E, H, I)
     down = down * float(block.rescale[k - 1].detach())
     out = {"experts.gate_up_proj": gate_up.to(experts.gate_up_proj.dtype),
