@@ -421,7 +421,7 @@ def _parallel(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpo
     verbose = log.getEffectiveLevel() <= logging.DEBUG
     context = multiprocessing.get_context("spawn")  # no forked copy of a parent that may hold a model
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
-                             initargs=(verbose,)) as pool:
+                             initargs=(verbose,), max_tasks_per_child=1) as pool:  # a fresh process per run
         futures = {}
         for spec in specs:
             cfg = spec.cfg
