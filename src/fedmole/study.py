@@ -38,9 +38,10 @@ Layout:
     DIR/study.json, study.md, plot_*.png   (reporting/study.py)
 
 An interrupted study continues: a run directory with a summary.json made from
-the same resolved config is kept, an unfinished one is started again. With
-`--jobs N`, N runs go side by side, each in its own process with the usable CPUs
-shared out as torch threads (mind the memory: each process holds its own model).
+the same resolved config is kept, an unfinished one is started again. Each run
+goes in a fresh process, so nothing one run leaves in memory reaches the next.
+With `--jobs N`, N runs go side by side, with the usable CPUs shared out as torch
+threads (mind the memory: each process holds its own model).
 """
 
 from __future__ import annotations
@@ -353,9 +354,10 @@ Runner = Callable[[Config, Path], dict]
 
 
 def _execute(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoints: bool,
-             failures: dict[str, str], jobs: int = 1) -> None:
+             failures: dict[str, str], jobs: int = 1, isolate: bool = False) -> None:
     """Run every spec whose directory under `root` holds no finished run of its config, up to
-    `jobs` at a time (each in its own process, see `_parallel`)."""
+    `jobs` at a time, each in a process of its own when `jobs` > 1 or `isolate` (`_parallel`),
+    else in this one."""
     pending = []
     for spec in specs:
         run_dir = root / spec.dir_name
@@ -365,7 +367,7 @@ def _execute(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoi
             log.info("%s is unfinished; starting it again", spec.dir_name)
             shutil.rmtree(run_dir)
         pending.append(spec)
-    if jobs > 1 and len(pending) > 1:
+    if pending and (jobs > 1 or isolate):
         _parallel(pending, root, runner, keep_checkpoints, failures, jobs)
         return
     for spec in pending:
@@ -411,9 +413,11 @@ def _worker_start(verbose: bool) -> None:
 
 def _parallel(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpoints: bool,
               failures: dict[str, str], jobs: int) -> None:
-    """Run `specs` `jobs` at a time, each in a fresh process. A run whose config leaves run.threads
-    at 0 gets `threads_per_job(jobs)` torch threads (run.threads does not change what a run
-    computes, so its fingerprint ignores it). The runner must be picklable (a module-level function)."""
+    """Run `specs` `jobs` at a time, each in a fresh process (nothing one run leaves in memory
+    reaches the next). With `jobs` > 1, a run whose config leaves run.threads at 0 gets
+    `threads_per_job(jobs)` torch threads (run.threads does not change what a run computes, so
+    its fingerprint ignores it); with one job, torch's default as in this process. The runner
+    must be picklable (a module-level function)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -425,10 +429,11 @@ def _parallel(specs: Sequence[RunSpec], root: Path, runner: Runner, keep_checkpo
         futures = {}
         for spec in specs:
             cfg = spec.cfg
-            if not cfg.run.threads:
+            if jobs > 1 and not cfg.run.threads:
                 cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=threads))
             futures[pool.submit(_run_one, runner, cfg, root / spec.dir_name, keep_checkpoints)] = spec
-        log.info("study: %d runs, %d at a time, %d torch thread(s) each", len(specs), jobs, threads)
+        if jobs > 1:
+            log.info("study: %d runs, %d at a time, %d torch thread(s) each", len(specs), jobs, threads)
         for future in as_completed(futures):
             spec = futures[future]
             try:
@@ -447,7 +452,7 @@ def _lr_name(lr: float) -> str:
 
 
 def choose_learning_rates(study: Study, out: Path, runner: Runner, keep_checkpoints: bool,
-                          failures: dict[str, str], jobs: int = 1) -> dict[str, dict]:
+                          failures: dict[str, str], jobs: int = 1, isolate: bool = False) -> dict[str, dict]:
     """Each arm's learning rate and how it was set; arms with lr_grid run their pilots first."""
     from fedmole.engine.evaluation import read_predictions
 
@@ -461,7 +466,7 @@ def choose_learning_rates(study: Study, out: Path, runner: Runner, keep_checkpoi
         specs = [RunSpec(arm.name, study.seeds[0], resolve(study, arm, study.seeds[0], lr, extra),
                          f"{arm.name}-lr{_lr_name(lr)}") for lr in arm.lr_grid]
         check_pilot_data(arm, specs[0].cfg)
-        _execute(specs, out / "pilots", runner, keep_checkpoints, failures, jobs)
+        _execute(specs, out / "pilots", runner, keep_checkpoints, failures, jobs, isolate)
         scores = {}
         for lr, spec in zip(arm.lr_grid, specs):
             if spec.dir_name in failures:
@@ -512,14 +517,15 @@ def run_study(study: Study, out: str | Path, *, strict: bool = False, keep_check
     if warnings and strict:
         raise ConfigError("the study is too small (--strict): " + "; ".join(warnings))
     out.mkdir(parents=True, exist_ok=True)
+    isolate = runner is None  # fedmole's own runs: each in a fresh process (a caller's runner runs here)
     if runner is None:
         from fedmole.engine.local import run_local as runner
 
     failures: dict[str, str] = {}
-    rates = choose_learning_rates(study, out, runner, keep_checkpoints, failures, jobs)
+    rates = choose_learning_rates(study, out, runner, keep_checkpoints, failures, jobs, isolate)
     specs = [RunSpec(arm.name, s, resolve(study, arm, s, rates[arm.name]["lr"]), f"{arm.name}-seed{s}")
              for arm in study.arms for s in study.seeds]
-    _execute(specs, out / "runs", runner, keep_checkpoints, failures, jobs)
+    _execute(specs, out / "runs", runner, keep_checkpoints, failures, jobs, isolate)
     meta = {"file": _shown(study.path) if study.path else None, "config": _shown(study.config) if study.config else None,
             "seeds": study.seeds, "set": study.overrides, "command": command, "dir": str(out),
             "seconds_this_invocation": round(time.perf_counter() - started, 1), "jobs": jobs}
