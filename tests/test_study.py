@@ -143,7 +143,7 @@ def small_study(tmp_path_factory):
 def test_interrupted_study_resumes_without_redoing_finished_runs(small_study):
     path, out, first, second, result = small_study
     assert first == ["flame-lr0.003", "flame-lr0.01", "flame-seed0"]  # pilots first, on the first seed
-    assert second == ["flame-seed1", "hetlora-seed0", "hetlora-seed1", "local-seed0", "local-seed1"]
+    assert second == ["hetlora-seed0", "local-seed0", "flame-seed1", "hetlora-seed1", "local-seed1"]  # seed by seed
     again = []
     run_study(load_study(path), out, runner=lambda c, d: again.append(d) or {})
     assert again == []  # everything finished: nothing runs, study.json is rewritten from the runs

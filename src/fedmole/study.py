@@ -523,8 +523,9 @@ def run_study(study: Study, out: str | Path, *, strict: bool = False, keep_check
 
     failures: dict[str, str] = {}
     rates = choose_learning_rates(study, out, runner, keep_checkpoints, failures, jobs, isolate)
+    # seed by seed: a study stopped part-way holds whole seeds (every arm), which can be analysed
     specs = [RunSpec(arm.name, s, resolve(study, arm, s, rates[arm.name]["lr"]), f"{arm.name}-seed{s}")
-             for arm in study.arms for s in study.seeds]
+             for s in study.seeds for arm in study.arms]
     _execute(specs, out / "runs", runner, keep_checkpoints, failures, jobs, isolate)
     meta = {"file": _shown(study.path) if study.path else None, "config": _shown(study.config) if study.config else None,
             "seeds": study.seeds, "set": study.overrides, "command": command, "dir": str(out),
