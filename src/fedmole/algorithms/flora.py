@@ -139,11 +139,14 @@ class FLoRA(LoRAMethod):
         for r in replies:  # an accepted reply was trained on the base this round's instructions named
             self.synced[r.client_id] = self.version
         stacks = stack_lora([r.state for r in replies], [r.num_examples for r in replies], self.alpha)
+        # the float32 stacks the clients receive: merging the same ones makes the server's dW the
+        # clients', bit for bit
+        stacks = {m: (A_s.to(torch.float32), B_s.to(torch.float32)) for m, (A_s, B_s) in stacks.items()}
         self.merged = merge_stacks(self.merged, stacks, self.dims)
         self.stack = {}
         for m, (A_s, B_s) in stacks.items():
-            self.stack[f"{m}.stack_A"] = A_s.to(torch.float32)
-            self.stack[f"{m}.stack_B"] = B_s.to(torch.float32)
+            self.stack[f"{m}.stack_A"] = A_s
+            self.stack[f"{m}.stack_B"] = B_s
         self.version += 1
         return fresh_lora({k: tuple(v.shape) for k, v in previous.items()}, self.seed, rnd)
 
@@ -172,9 +175,10 @@ class FLoRA(LoRAMethod):
         update = {k: v for k, v in instruction.state.items() if split_key(k)[1] in BASE_TENSORS}
         target, held = instruction.config["base_version"], rt.store.get("base_version", 0)
         kind = base_update_kind(held, update, target)  # raises when the client cannot follow
-        if target and target == self.version:
-            # this process's server made merge `target`: its dW is, bit for bit, what the update
-            # builds (merge_stacks on the same inputs, or a copy of it), so share it, read-only
+        if target and target == self.version and self._sent_by_server(update, kind):
+            # this process's server made merge `target` and sent its own tensors unchanged: its dW
+            # is, bit for bit, what the update builds (merge_stacks on the same float32 stacks
+            # and base, or a copy of it), so share it, read-only
             base, version = self.merged, target
             self._bases = {}
         elif target in self._bases and kind != "replace":
@@ -188,6 +192,14 @@ class FLoRA(LoRAMethod):
         state, loss = self.train_view(rt, lora, instruction.tier, instruction.round)
         self.keep_personal(rt, state)
         return Reply(instruction.round, rt.client_id, state, len(rt.data.train), instruction.tier, loss)
+
+    def _sent_by_server(self, update: State, kind: str) -> bool:
+        """Whether `update` holds this instance's own server tensors (not a re-encoded copy, which a
+        transport's payload dtype may have rounded)."""
+        if kind == "current":
+            return True
+        own = self.stack if kind == "merge" else _merged_keys(self.merged)
+        return bool(update) and all(own.get(k) is v for k, v in update.items())
 
     def global_view(self, rt: ClientRuntime, global_state: State, tier: int) -> State:
         """What `final_state` holds, at the tier's rank: the fresh LoRA and the merged base deltas. The
