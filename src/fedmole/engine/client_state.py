@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedmole.reporting.rundir import file_sha256
+
 RECORD = re.compile(r"c(\d+)-r(\d+)\.json")
 FORMAT = 1  # record layout version
 
@@ -121,14 +123,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
@@ -199,7 +193,7 @@ class StateFiles:
                 return known[0]
         tmp = self.blobs / f".new.{os.getpid()}.tmp"  # encoded straight to a file: no second copy in memory
         save_file(_storable(tensors), str(tmp))
-        name = _file_sha256(tmp)
+        name = file_sha256(tmp)
         path = self.blobs / f"{name}.safetensors"
         if path.exists():
             tmp.unlink()
@@ -239,7 +233,7 @@ class StateFiles:
     def _get_blob(self, name: str) -> dict[str, torch.Tensor]:
         path = self.blobs / f"{name}.safetensors"
         try:
-            if _file_sha256(path) != name:
+            if file_sha256(path) != name:
                 raise StateError(f"client state blob {path} does not match its checksum")
             return load_file(str(path))
         except OSError as e:

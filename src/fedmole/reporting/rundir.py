@@ -124,7 +124,7 @@ class RunDir:
         save_file({k: v.contiguous() for k, v in global_state.items()}, str(tmp / "adapter.safetensors"))
         torch.save(server_state, tmp / "server.pt")
         (tmp / "clients.json").write_text(json.dumps(clients))
-        files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / "meta.json").write_text(dumps({"round": rnd, "files": files, **meta}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -168,7 +168,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint folder is incomplete or corrupted."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -186,7 +187,7 @@ def _read_checkpoint(ckpt: Path) -> dict:
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"{name} is missing")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"{name} does not match its checksum")
     try:
         state = load_file(str(ckpt / "adapter.safetensors"))
