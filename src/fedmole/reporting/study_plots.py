@@ -1,6 +1,6 @@
 """Plots of a study, every estimate drawn with its 95% interval:
 
-    plot_arms.png      each metric per arm, overall and per tier
+    plot_arms.png      each metric per arm, overall and per tier (when there are several)
     plot_claims.png    each claim's estimate and interval against its threshold
     plot_compute.png   median optimizer-step time per tier and arm
     plot_rounds.png    the primary metric at the evaluated rounds and the train loss, mean over seeds
@@ -42,6 +42,8 @@ def plot_arms(result: dict, path: Path) -> bool:
     metrics = [m for m in st["metrics"] if any((result["arms"][a].get(m) or {}).get("n") for a in result["arms"])]
     if not metrics:
         return False
+    if len(tiers) == 1:  # one tier: its column would repeat the overall one
+        tiers = []
     groups = ["overall", *(f"k={t}" for t in tiers)]
     fig, axes = _figure(max(8.0, 1.2 * len(groups) * max(1, len(result["arms"])) / 2 + 3), 3.2 * len(metrics),
                         rows=len(metrics))
