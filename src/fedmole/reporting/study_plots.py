@@ -98,7 +98,7 @@ def plot_compute(result: dict, path: Path) -> bool:
     _bars(ax, [f"k={t}" for t in tiers], {a: [v.get(t) for t in tiers] for a, v in comp.items()},
           key="step_seconds", scale=scale)
     ax.set_ylabel(f"{unit} per optimizer step")
-    ax.set_title("measured step time: median over client-rounds with 95% interval")
+    ax.set_title("measured step time\nmedian over client-rounds, 95% interval")  # two lines: clear of the legend
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize="small")
     fig.savefig(path, dpi=100)
     return True
